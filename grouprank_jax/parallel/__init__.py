@@ -1,0 +1,21 @@
+"""Device mesh, logical-axis rules and (multi-host) runtime setup."""
+
+from grouprank_jax.parallel.mesh import (
+    LOGICAL_AXIS_RULES,
+    MESH_AXES,
+    logical_to_spec,
+    make_mesh,
+    named_sharding,
+    shard,
+    single_device_mesh,
+)
+
+__all__ = [
+    "LOGICAL_AXIS_RULES",
+    "MESH_AXES",
+    "logical_to_spec",
+    "make_mesh",
+    "named_sharding",
+    "shard",
+    "single_device_mesh",
+]
