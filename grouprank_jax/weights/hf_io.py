@@ -1,0 +1,237 @@
+"""Hugging Face Qwen2 checkpoints in and out, streamed tensor by tensor.
+
+Import reads each tensor through safetensors' numpy API, transforms it by the mapping table
+and places it straight onto its target ``NamedSharding``; the model is never materialised
+twice on a host. Export writes a transformers-5 ``Qwen2Config``, a generation config and
+safetensors shards with an index above ``max_shard_bytes``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from grouprank_jax.config import ModelConfig
+from grouprank_jax.models.build import variable_sharding
+from grouprank_jax.models.qwen2 import Qwen2ForCausalLM
+from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, Rules
+from grouprank_jax.weights.mapping import expand
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # HF's default max_shard_size of 5GB
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+
+
+class CheckpointFormatError(ValueError):
+    """A HF directory that is not a loadable Qwen2 checkpoint (names the key and file)."""
+
+
+def read_hf_config(path: str | Path, **overrides) -> ModelConfig:
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: expected a local HF model directory")
+    with open(config_file) as fh:
+        try:
+            hf = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise CheckpointFormatError(f"{config_file}: invalid JSON ({err})") from err
+    return ModelConfig.from_hf_dict(hf, source=str(config_file), **overrides)
+
+
+def _tensor_index(path: Path) -> dict[str, Path]:
+    """HF key -> the safetensors file that holds it."""
+    index_file = path / SAFE_INDEX
+    if index_file.exists():
+        with open(index_file) as fh:
+            weight_map = json.load(fh).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointFormatError(f"{index_file}: missing 'weight_map'")
+        return {k: path / v for k, v in weight_map.items()}
+    single = path / SAFE_SINGLE
+    if not single.exists():
+        raise FileNotFoundError(f"{path}: neither {SAFE_SINGLE} nor {SAFE_INDEX} found")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="numpy") as fh:
+        return {k: single for k in fh.keys()}
+
+
+def load_hf(
+    path: str | Path,
+    dtype=jnp.float32,
+    mesh: Mesh | None = None,
+    compute_dtype=None,
+    rules: Rules = LOGICAL_AXIS_RULES,
+    **config_overrides,
+) -> Qwen2ForCausalLM:
+    """Load a local HF Qwen2 directory as a ready-to-call model.
+
+    ``dtype`` is the parameter dtype (and the compute dtype unless ``compute_dtype`` is given).
+    Extra keyword arguments override ``ModelConfig`` fields (e.g. ``attention_impl="chunked"``).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    dtype_name = jnp.dtype(dtype).name
+    cfg = read_hf_config(
+        path,
+        param_dtype=dtype_name,
+        dtype=jnp.dtype(compute_dtype or dtype).name,
+        **config_overrides,
+    )
+    locations = _tensor_index(path)
+    expected = expand(cfg)
+    wanted = {hf_key for hf_key, _, _ in expected}
+    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    unknown = sorted(k for k in locations if k not in wanted and k not in ignorable)
+    if unknown:
+        raise CheckpointFormatError(
+            f"{locations[unknown[0]]}: unexpected tensor {unknown[0]!r} "
+            f"({len(unknown)} unexpected in all) for a Qwen2 model with {cfg.num_layers} layers"
+        )
+    missing = [k for k in sorted(wanted) if k not in locations]
+    if missing:
+        raise CheckpointFormatError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+
+    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    handles: dict[Path, object] = {}
+    try:
+        for hf_key, nnx_path, mapping in expected:
+            file = locations[hf_key]
+            if file not in handles:
+                handles[file] = safe_open(str(file), framework="numpy").__enter__()
+            raw = handles[file].get_tensor(hf_key)
+            variable = flat[nnx_path]
+            target = variable.get_value()
+            value = mapping.to_ours(raw, cfg) if _hf_shape_ok(raw, target, mapping, cfg) else None
+            if value is None or value.shape != target.shape:
+                raise CheckpointFormatError(
+                    f"{file}: tensor {hf_key!r} has shape {tuple(raw.shape)}, "
+                    f"which does not fit parameter {'.'.join(map(str, nnx_path))} of shape {target.shape}"
+                )
+            value = np.asarray(value).astype(target.dtype)
+            if mesh is not None:
+                array = jax.device_put(value, variable_sharding(variable, mesh, rules))
+            else:
+                array = jnp.asarray(value)
+            variable.set_value(array)
+            del raw, value
+    finally:
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+    return nnx.merge(graphdef, state)
+
+
+def _hf_shape_ok(raw: np.ndarray, target, mapping, cfg) -> bool:
+    """Whether the HF tensor has exactly the size the transform needs (reshape would fail otherwise)."""
+    return int(np.prod(raw.shape)) == int(np.prod(target.shape)) and raw.ndim in (1, 2)
+
+
+def _host_value(variable) -> np.ndarray:
+    array = variable.get_value()
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        array = multihost_utils.process_allgather(array, tiled=True)
+    return np.asarray(jax.device_get(array))
+
+
+def save_hf(
+    model: Qwen2ForCausalLM,
+    out_dir: str | Path,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    tokenizer=None,
+    dtype=None,
+) -> Path:
+    """Write ``model`` as a HF Qwen2 directory ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    Tied embeddings are written the way HF writes them: ``tie_word_embeddings=true`` and no
+    ``lm_head.weight``. ``dtype`` (default: the params' dtype) sets the stored dtype. In a
+    multi-process run every process must call this (gathers are collective); process 0 writes.
+    """
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    cfg = model.cfg
+    writer = jax.process_index() == 0
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    store_dtype = jnp.dtype(dtype or cfg.param_dtype)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    shard_bytes = 0
+    for hf_key, nnx_path, mapping in expand(cfg):
+        value = mapping.to_hf(_host_value(flat[nnx_path]), cfg).astype(store_dtype)
+        if shard_bytes and shard_bytes + value.nbytes > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][hf_key] = value
+        shard_bytes += value.nbytes
+    if not writer:
+        return out_dir
+
+    hf_config = cfg.to_hf_dict()
+    hf_config["dtype"] = "bfloat16" if store_dtype == jnp.bfloat16 else "float32"
+    hf_config["transformers_version"] = _transformers_version()
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    generation = {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": [cfg.eos_token_id, cfg.bos_token_id],
+        "pad_token_id": cfg.pad_token_id,
+        "do_sample": True,
+        "temperature": 0.3,  # the GroupRank reference inference settings (paper-notes §1)
+        "top_p": 0.8,
+    }
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    for stale in list(out_dir.glob("model*.safetensors")) + [out_dir / SAFE_INDEX]:
+        if stale.exists():
+            stale.unlink()
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / SAFE_SINGLE), metadata={"format": "pt"})
+    else:
+        weight_map, total = {}, 0
+        for n, shard in enumerate(shards, start=1):
+            name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+            for key, value in shard.items():
+                weight_map[key] = name
+                total += value.nbytes
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+        _save_tokenizer(tokenizer, out_dir)
+    return out_dir
+
+
+def _save_tokenizer(tokenizer, out_dir: Path) -> None:
+    if isinstance(tokenizer, (str, os.PathLike)):
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                     "special_tokens_map.json", "chat_template.jinja", "added_tokens.json"):
+            src = Path(tokenizer) / name
+            if src.exists():
+                shutil.copy(src, out_dir / name)
+    else:
+        tokenizer.save_pretrained(str(out_dir))
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+
+        return transformers.__version__
+    except ImportError:
+        return "5.24.0"
