@@ -1,0 +1,203 @@
+"""Scalar metrics: an append-only ``metrics.jsonl`` (the source of truth) plus TensorBoard.
+
+``metrics.jsonl`` holds one JSON object per ``log`` call: ``{"step": int, "time": unix seconds,
+"<name>": value, ...}``. JSON has no NaN/Infinity, and silently dropping a NaN loss would hide
+exactly the event one is looking for, so non-finite values are written as the strings ``"nan"``,
+``"inf"`` and ``"-inf"`` (``read_metrics`` turns them back into floats). The file is flushed after
+every line so a preempted run loses nothing, and reopened in append mode on resume; a step logged
+again after a resume (the run restarted from an older checkpoint) supersedes the earlier value
+when plotting.
+
+Only process 0 writes by default (``enabled=jax.process_index() == 0``): metrics are global
+scalars, identical on every process. ``float()`` on a jax array needs it to be fully replicated
+or fully addressable, which reduced scalars returned from a jitted step are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+# Metric name prefixes that get their own rows in ``plot_run`` (training phases).
+GROUP_PREFIXES = ("sft/", "grpo/")
+
+
+def _to_scalar(name: str, value: Any) -> float | int:
+    """Python number for JSON/TensorBoard; rejects tensors so a wrong metric is caught early."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value
+    size = getattr(value, "size", None)
+    if size is None:
+        raise TypeError(f"metric {name!r}: expected a number or a scalar array, got "
+                        f"{type(value).__name__}")
+    if size != 1:
+        raise ValueError(f"metric {name!r} has shape {getattr(value, 'shape', '?')}; log scalars "
+                         "(reduce with .mean() first)")
+    kind = getattr(getattr(value, "dtype", None), "kind", "f")
+    return int(value.item()) if kind in "iub" else float(value.item())
+
+
+def _json_value(x: float | int) -> float | int | str:
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+class MetricsLogger:
+    """Write scalars to ``run_dir/metrics.jsonl`` and TensorBoard ``run_dir/tb``."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool | None = None,
+                 tensorboard: bool = True):
+        if enabled is None:
+            import jax  # lazy: plotting a finished run must not need jax
+
+            enabled = jax.process_index() == 0
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=str(self.run_dir / TB_DIR), flush_secs=30)
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record ``metrics`` (name -> scalar) at ``step``; a no-op when disabled."""
+        if not self.enabled:
+            return
+        if self._file is None:
+            raise RuntimeError(f"MetricsLogger for {self.run_dir} is closed")
+        values = {str(k): _to_scalar(str(k), v) for k, v in metrics.items()}
+        for reserved in ("step", "time"):
+            if reserved in values:
+                raise ValueError(f"metric name {reserved!r} is reserved; rename it")
+        record = {"step": int(step), "time": round(time.time(), 3)}
+        record.update({k: _json_value(v) for k, v in values.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.add_scalar(name, value, int(step))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _from_json(value: Any) -> float | None:
+    if isinstance(value, str):
+        return {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}.get(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None  # a non-numeric field (e.g. added by hand): not a curve
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, tuple[list[int], list[float]]]:
+    """``{name: (steps, values)}`` from ``run_dir/metrics.jsonl``, sorted by step.
+
+    A later line for the same step and name wins (resume from an older checkpoint). A torn last
+    line (process killed mid-write) is skipped with a warning rather than failing the plot.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; is {run_dir} a run directory written by "
+                                "MetricsLogger (grouprank sft/grpo --run-dir)?")
+    series: dict[str, dict[int, float]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                step = int(record["step"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                log.warning("%s:%d is not a metrics record; skipped", path, lineno)
+                continue
+            for name, value in record.items():
+                number = None if name in ("step", "time") else _from_json(value)
+                if number is not None:
+                    series.setdefault(name, {})[step] = number
+    return {name: (sorted(points), [points[s] for s in sorted(points)])
+            for name, points in series.items()}
+
+
+def _grouped(names: list[str]) -> list[tuple[str, list[str]]]:
+    groups = [(prefix.rstrip("/"), sorted(n for n in names if n.startswith(prefix)))
+              for prefix in GROUP_PREFIXES]
+    other = sorted(n for n in names if not n.startswith(GROUP_PREFIXES))
+    return [(g, members) for g, members in groups + [("other", other)] if members]
+
+
+def plot_run(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None,
+             max_cols: int = 4) -> Path:
+    """Render every metric curve of a run into one PNG grid; returns the PNG path.
+
+    One subplot per metric; each phase (``sft/...``, ``grpo/...``, then the rest) starts on a
+    new row so the two training stages read as separate blocks. Non-finite points are gaps.
+    Default output: ``run_dir/metrics.png``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: TPU VMs and CI have no display
+    import matplotlib.pyplot as plt
+
+    series = read_metrics(run_dir)
+    if not series:
+        raise ValueError(f"{Path(run_dir) / METRICS_FILE} holds no numeric metrics to plot")
+    groups = _grouped(list(series))
+    ncols = min(max_cols, max(len(members) for _, members in groups))
+    rows: list[list[str]] = []
+    for _, members in groups:
+        rows += [members[i:i + ncols] for i in range(0, len(members), ncols)]
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(4 * ncols, 2.8 * len(rows)),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(ncols):
+            ax = axes[r][c]
+            if c >= len(row):
+                ax.axis("off")
+                continue
+            steps, values = series[row[c]]
+            bad = sum(not math.isfinite(v) for v in values)
+            values = [v if math.isfinite(v) else math.nan for v in values]
+            ax.plot(steps, values, marker="." if len(steps) < 50 else None, linewidth=1.2)
+            # A diverged metric must not look like an empty plot: count its nan/inf points.
+            ax.set_title(row[c] + (f"  ({bad} non-finite)" if bad else ""), fontsize=9,
+                         color="tab:red" if bad else "black")
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    fig.suptitle(str(Path(run_dir).resolve().name), fontsize=11)
+    fig.tight_layout()
+    out = Path(out_png) if out_png is not None else Path(run_dir) / "metrics.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
