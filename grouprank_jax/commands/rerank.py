@@ -1,0 +1,151 @@
+"""``grouprank rerank``: groupwise LLM reranking of a first-stage run (paper-notes §2).
+
+Inputs: ``--data`` is either a rank_llm JSON (queries + candidate hits with text and scores; the
+hits are the first stage unless ``--run`` is given) or a dataset directory (BEIR jsonl or
+NovelEval-style TSV) together with ``--run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("rerank", help="rerank a first-stage run with a groupwise LLM")
+    parser.add_argument("--model", required=True, help="HF-format checkpoint directory (Qwen2.5)")
+    parser.add_argument("--data", required=True, help="rank_llm JSON file, or a BEIR/TSV dataset directory")
+    parser.add_argument("--run", help="first-stage TREC run (required with a dataset directory)")
+    parser.add_argument("--out", required=True, help="output TREC run file")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the bundled Qwen2.5 tokenizer)")
+    parser.add_argument("--prompt", default="grouprank", help="preset (grouprank, grouprank-sft, compact) or YAML/JSON file")
+    parser.add_argument("--top-n", type=int, default=100, help="candidates reranked per query")
+    parser.add_argument("--group-size", type=int, default=20, help="documents per group (c)")
+    parser.add_argument("--repeats", type=int, default=1, help="shuffled passes averaged (test-time scaling)")
+    parser.add_argument("--fusion-weight", type=float, default=0.6, help="weight of the group score vs the retriever")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    parser.add_argument("--max-doc-chars", type=int, default=3000, help="character cut per document")
+    parser.add_argument("--max-prompt-len", type=int, default=16384, help="prompt token budget (documents shrink to fit)")
+    parser.add_argument("--max-new-tokens", type=int, default=8000, help="generation budget (official: 8000)")
+    parser.add_argument("--temperature", type=float, default=0.3, help="official inference value")
+    parser.add_argument("--top-p", type=float, default=0.8, help="official inference value")
+    parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    parser.add_argument("--seed", type=int, default=666, help="shuffling and sampling seed (official: 666)")
+    parser.add_argument("--qrels", help="if given, print trec_eval metrics of the input and the reranked run")
+    parser.set_defaults(func=run)
+
+
+def load_candidates(data: str, run_path: str | None):
+    """(queries {qid: text}, candidates {qid: [Candidate]}) from the supported input layouts."""
+    from grouprank_jax.data.formats import read_collection, read_rank_llm, read_run
+    from grouprank_jax.grouprank.rerank import Candidate
+
+    path = Path(data)
+    if path.is_file():
+        entries = read_rank_llm(path)
+        queries = {e.qid: e.query for e in entries}
+        texts = {(e.qid, str(h["docid"])): h["content"] for e in entries for h in e.hits}
+        if run_path is None:
+            candidates = {
+                e.qid: [Candidate(str(h["docid"]), h["content"], float(h.get("score", 0.0))) for h in e.hits]
+                for e in entries
+            }
+            return queries, candidates
+        lookup = lambda qid, docid: texts.get((qid, docid))  # noqa: E731
+    elif path.is_dir():
+        if run_path is None:
+            raise ValueError(f"{path} is a dataset directory: pass the first-stage run with --run")
+        corpus, queries = read_collection(path)
+        lookup = lambda qid, docid: corpus.get(docid)  # noqa: E731
+    else:
+        raise ValueError(f"--data {data}: no such file or directory")
+    candidates = {}
+    for qid, docs in read_run(run_path).items():
+        if qid not in queries:
+            log.warning("query %s of %s has no text in %s; skipped", qid, run_path, data)
+            continue
+        missing = [d for d in docs if lookup(qid, d) is None]
+        if missing:
+            raise ValueError(f"{len(missing)} documents of query {qid} in {run_path} have no text in {data}, e.g. {missing[:3]}")
+        candidates[qid] = [Candidate(d, lookup(qid, d), s) for d, s in docs.items()]
+    return queries, candidates
+
+
+def _model_score_fn(args, tokenizer, counters: dict):
+    """score_fn backed by the JAX sampler; counts generated tokens into ``counters``."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from grouprank_jax.sampling import Sampler, SamplingParams
+    from grouprank_jax.weights import load_hf
+
+    model = load_hf(args.model, dtype=jnp.float32, mesh=None)
+    sampler = Sampler(
+        model, tokenizer=tokenizer, mesh=None, max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens
+    )
+
+    def score_fn(prompts: list[str]) -> list[str]:
+        params = SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            n=1,
+            seed=args.seed + counters["calls"],  # fresh randomness per call, reproducible per run
+            max_new_tokens=args.max_new_tokens,
+            stop=["</answer>"],
+        )
+        out = sampler.generate(prompts, params)
+        counters["calls"] += 1
+        counters["tokens"] += int(np.asarray(out.lengths).sum())
+        return list(out.texts)
+
+    return score_fn
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from grouprank_jax.data.formats import read_qrels, write_run
+    from grouprank_jax.grouprank.prompts import load_template, render_prompt
+    from grouprank_jax.grouprank.rerank import RerankConfig, rerank
+    from grouprank_jax.tokenizer import load_tokenizer
+
+    cfg = RerankConfig(
+        top_n=args.top_n,
+        group_size=args.group_size,
+        repeats=args.repeats,
+        fusion_weight=args.fusion_weight,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    queries, candidates = load_candidates(args.data, args.run)
+    template = load_template(args.prompt)
+    tokenizer = load_tokenizer(args.tokenizer)
+
+    def prompt_fn(query: str, docs: list[str]) -> str:
+        return render_prompt(tokenizer, query, docs, template, args.max_doc_chars, args.max_prompt_len)
+
+    counters = {"calls": 0, "tokens": 0}
+    score_fn = _model_score_fn(args, tokenizer, counters)
+    total_groups = cfg.repeats * sum(math.ceil(min(len(d), cfg.top_n) / cfg.group_size) for d in candidates.values())
+    with tqdm(total=total_groups, desc="groups", unit="group") as bar:
+        reranked, summary = rerank(queries, candidates, score_fn, prompt_fn, cfg, on_groups_done=bar.update)
+    write_run(reranked, args.out, tag="grouprank")
+    print(
+        f"queries {summary.queries} | groups {summary.groups} | parse failures {summary.parse_failures} "
+        f"| missing doc scores {summary.missing_scores} | generated tokens {counters['tokens']} "
+        f"| {summary.seconds:.1f} s ({counters['tokens'] / max(summary.seconds, 1e-9):.1f} tok/s) -> {args.out}"
+    )
+    if args.qrels:
+        from grouprank_jax.eval import evaluate
+
+        qrels = read_qrels(args.qrels)
+        first_stage = {q: {c.docid: c.score for c in docs} for q, docs in candidates.items()}
+        for name, run_scores in (("first stage", first_stage), ("reranked", reranked)):
+            result = evaluate(run_scores, qrels, ("ndcg_cut_10",))
+            print(f"{name}: ndcg_cut_10 {result.mean['ndcg_cut_10']:.4f} over {result.num_queries} queries")
+    return 0

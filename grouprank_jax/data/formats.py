@@ -1,0 +1,191 @@
+"""Readers and writers for the IR file formats the CLI consumes and produces.
+
+In memory: a run is ``{qid: {docid: score}}``, qrels are ``{qid: {docid: int grade}}`` (the
+shapes pytrec_eval takes), a corpus is ``{docid: text}`` and queries are ``{qid: text}``. Every
+id is a string. Malformed input raises ``ValueError`` naming the file and the 1-based line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import math
+from pathlib import Path
+from typing import IO, Iterator
+
+Run = dict[str, dict[str, float]]
+Qrels = dict[str, dict[str, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RankLLMQuery:
+    """One entry of a rank_llm retrieve_results JSON: a query and its candidate hits."""
+
+    qid: str
+    query: str
+    hits: tuple[dict, ...]  # each {content, qid, docid, rank, score}
+
+
+def _open_text(path: Path) -> IO[str]:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without newline) for non-blank lines."""
+    path = Path(path)
+    with _open_text(path) as handle:
+        for number, line in enumerate(handle, 1):
+            line = line.rstrip("\n").rstrip("\r")
+            if line.strip():
+                yield number, line
+
+
+def _error(path, number: int, message: str) -> ValueError:
+    return ValueError(f"{path}:{number}: {message}")
+
+
+def read_run(path: str | Path) -> Run:
+    """TREC run: ``qid Q0 docid rank score tag`` (whitespace separated)."""
+    run: Run = {}
+    for number, line in _lines(path):
+        fields = line.split()
+        if len(fields) != 6:
+            raise _error(path, number, f"a TREC run line has 6 fields (qid Q0 docid rank score tag), got {len(fields)}")
+        qid, _, docid, _, score, _ = fields
+        try:
+            value = float(score)
+        except ValueError:
+            raise _error(path, number, f"score {score!r} is not a number") from None
+        if not math.isfinite(value):
+            raise _error(path, number, f"score {score!r} is not finite")
+        run.setdefault(qid, {})[docid] = value
+    return run
+
+
+def write_run(run: Run, path: str | Path, tag: str = "grouprank") -> None:
+    """TREC run, each query sorted by score descending (ranks from 1)."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for qid, docs in run.items():
+            ranked = sorted(docs.items(), key=lambda kv: (-kv[1], kv[0]))
+            for rank, (docid, score) in enumerate(ranked, 1):
+                handle.write(f"{qid} Q0 {docid} {rank} {score:.6f} {tag}\n")
+
+
+def read_qrels(path: str | Path) -> Qrels:
+    """qrels ``qid 0 docid rel`` (TREC) or ``qid\\tdocid\\trel`` (BEIR TSV, header allowed)."""
+    qrels: Qrels = {}
+    for number, line in _lines(path):
+        fields = line.split()
+        if len(fields) == 4:
+            qid, _, docid, grade = fields
+        elif len(fields) == 3:
+            qid, docid, grade = fields
+            if number == 1 and not grade.lstrip("-").isdigit():
+                continue  # BEIR header "query-id corpus-id score"
+        else:
+            raise _error(path, number, f"a qrels line has 4 fields (qid 0 docid rel) or 3 (TSV), got {len(fields)}")
+        try:
+            qrels.setdefault(qid, {})[docid] = int(grade)
+        except ValueError:
+            raise _error(path, number, f"relevance {grade!r} is not an integer") from None
+    return qrels
+
+
+def write_qrels(qrels: Qrels, path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for qid, docs in qrels.items():
+            for docid, grade in docs.items():
+                handle.write(f"{qid} 0 {docid} {grade}\n")
+
+
+def _read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    for number, line in _lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise _error(path, number, f"invalid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or "_id" not in record:
+            raise _error(path, number, "a BEIR JSONL record must be an object with an '_id'")
+        yield number, record
+
+
+def read_beir_corpus(path: str | Path) -> dict[str, str]:
+    """BEIR ``corpus.jsonl``: {"_id", "title", "text"}; the text is "title text" when titled."""
+    corpus = {}
+    for number, record in _read_jsonl(path):
+        if not isinstance(record.get("text", ""), str):
+            raise _error(path, number, "'text' must be a string")
+        title, text = record.get("title") or "", record.get("text") or ""
+        corpus[str(record["_id"])] = f"{title} {text}".strip() if title else text
+    return corpus
+
+
+def read_beir_queries(path: str | Path) -> dict[str, str]:
+    """BEIR ``queries.jsonl``: {"_id", "text"}."""
+    queries = {}
+    for number, record in _read_jsonl(path):
+        if not isinstance(record.get("text"), str):
+            raise _error(path, number, "a query record needs a string 'text'")
+        queries[str(record["_id"])] = record["text"]
+    return queries
+
+
+def read_tsv_pairs(path: str | Path) -> dict[str, str]:
+    """``id\\ttext`` per line: NovelEval corpus.tsv / queries.tsv and BRIGHT topic TSVs."""
+    pairs = {}
+    for number, line in _lines(path):
+        key, sep, text = line.partition("\t")
+        if not sep or not key.strip():
+            raise _error(path, number, "expected 'id<TAB>text'")
+        pairs[key.strip()] = text
+    return pairs
+
+
+def read_rank_llm(path: str | Path) -> list[RankLLMQuery]:
+    """rank_llm ``retrieve_results`` JSON: ``[{query, hits: [{content, qid, docid, rank, score}]}]``."""
+    path = Path(path)
+    with _open_text(path) as handle:
+        try:
+            data = json.load(handle)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}:1: rank_llm results must be a JSON list of {{query, hits}} objects")
+    out = []
+    for index, entry in enumerate(data):
+        hits = entry.get("hits") if isinstance(entry, dict) else None
+        if not isinstance(hits, list) or not isinstance(entry.get("query"), str):
+            raise ValueError(f"{path}: entry {index} needs a string 'query' and a list 'hits'")
+        for hit_index, hit in enumerate(hits):
+            if not isinstance(hit, dict) or not {"content", "docid"} <= hit.keys():
+                raise ValueError(f"{path}: entry {index} hit {hit_index} needs 'content' and 'docid'")
+        qid = str(hits[0]["qid"]) if hits and "qid" in hits[0] else str(index)
+        out.append(RankLLMQuery(qid=qid, query=entry["query"], hits=tuple(hits)))
+    return out
+
+
+def write_rank_llm(entries: list[RankLLMQuery], path: str | Path) -> None:
+    data = [{"query": e.query, "hits": list(e.hits)} for e in entries]
+    Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def rank_llm_to_run(entries: list[RankLLMQuery]) -> Run:
+    return {e.qid: {str(h["docid"]): float(h.get("score", 0.0)) for h in e.hits} for e in entries}
+
+
+def read_collection(directory: str | Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(corpus, queries) from a dataset directory: BEIR (corpus.jsonl + queries.jsonl) or
+    TSV (corpus.tsv + queries.tsv, e.g. NovelEval)."""
+    directory = Path(directory)
+    for corpus_name, queries_name, corpus_reader, queries_reader in (
+        ("corpus.jsonl", "queries.jsonl", read_beir_corpus, read_beir_queries),
+        ("corpus.tsv", "queries.tsv", read_tsv_pairs, read_tsv_pairs),
+    ):
+        if (directory / corpus_name).is_file() and (directory / queries_name).is_file():
+            return corpus_reader(directory / corpus_name), queries_reader(directory / queries_name)
+    raise ValueError(
+        f"{directory}: expected corpus.jsonl + queries.jsonl (BEIR) or corpus.tsv + queries.tsv (NovelEval)"
+    )

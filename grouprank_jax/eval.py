@@ -1,0 +1,46 @@
+"""Evaluate a run against qrels with trec_eval semantics (pytrec_eval does the counting).
+
+As trec_eval: only queries present in both the run and the qrels are scored (queries without
+judgments are skipped), ties in the run go to the larger docid string, and the mean is over the
+scored queries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from grouprank_jax.data.formats import Qrels, Run
+
+DEFAULT_METRICS = ("ndcg_cut_10", "recall_100")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    per_query: dict[str, dict[str, float]]  # qid -> metric -> value
+    mean: dict[str, float]  # metric -> mean over scored queries
+    num_queries: int
+
+
+def _measure_name(metric: str) -> str:
+    """``ndcg_cut_10`` -> ``ndcg_cut.10`` (pytrec_eval's request syntax); ``map`` stays."""
+    head, sep, tail = metric.rpartition("_")
+    return f"{head}.{tail}" if sep and tail.isdigit() else metric
+
+
+def evaluate(
+    run: Run, qrels: Qrels, metrics: Sequence[str] = DEFAULT_METRICS, relevance_level: int = 1
+) -> Evaluation:
+    import pytrec_eval
+
+    unknown = [m for m in metrics if _measure_name(m).split(".")[0] not in pytrec_eval.supported_measures]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; use trec_eval names such as ndcg_cut_10, recall_100, map")
+    evaluator = pytrec_eval.RelevanceEvaluator(
+        qrels, {_measure_name(m) for m in metrics}, relevance_level=relevance_level
+    )
+    results = evaluator.evaluate(run)
+    per_query = {qid: {m: float(values[m]) for m in metrics} for qid, values in results.items()}
+    count = len(per_query)
+    mean = {m: (sum(v[m] for v in per_query.values()) / count if count else 0.0) for m in metrics}
+    return Evaluation(per_query=per_query, mean=mean, num_queries=count)
