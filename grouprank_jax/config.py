@@ -19,6 +19,7 @@ T = TypeVar("T")
 
 ATTENTION_IMPLS = ("reference", "chunked", "cudnn", "splash", "auto")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,10 @@ class ModelConfig:
     attention_impl: str = "auto"  # reference | chunked | cudnn | splash | auto
     attention_block_size: int = 512  # kv block of the chunked (online-softmax) attention
     remat: str = "none"  # none | full | dots_saveable (per decoder layer)
+    # LoRA adapters (paper's RL stage: rank 32, alpha 32, all linear layers). 0 = no adapters.
+    lora_rank: int = 0
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     bos_token_id: int = 151643
     eos_token_id: int = 151645  # <|im_end|>, the chat models' end of turn
     pad_token_id: int = 151643  # <|endoftext|>
@@ -56,11 +61,19 @@ class ModelConfig:
             raise ValueError(f"attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(f"lora_targets {sorted(unknown)} unknown; choose from {LORA_TARGETS}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     @property
     def num_params(self) -> int:

@@ -38,6 +38,44 @@ def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal"):
     return nnx.Param(value, logical_axes=axes)
 
 
+def _add_lora(module: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs, name: str, kernel_axes, in_dims: int):
+    """Adapters ``{name}_lora_a`` [in..., r] and ``{name}_lora_b`` [r, out...] for one projection.
+
+    B starts at zero so an adapted model starts exactly at its base weights.
+    """
+    if not cfg.lora_rank or name not in cfg.lora_targets:
+        return
+    module.lora_scale = cfg.lora_scale
+    kernel = getattr(module, _KERNEL_OF[name])
+    shape = kernel.get_value().shape
+    in_shape, out_shape = shape[:in_dims], shape[in_dims:]
+    pd = _dtype(cfg.param_dtype)
+    fan_in = int(np.prod(in_shape))
+    a = jax.random.normal(rngs.params(), (*in_shape, cfg.lora_rank), jnp.float32) / np.sqrt(fan_in)
+    setattr(module, f"{name}_lora_a", nnx.LoRAParam(a.astype(pd), logical_axes=(*kernel_axes[:in_dims], "lora_rank")))
+    setattr(module, f"{name}_lora_b", nnx.LoRAParam(
+        jnp.zeros((cfg.lora_rank, *out_shape), pd), logical_axes=("lora_rank", *kernel_axes[in_dims:])
+    ))
+
+
+_KERNEL_OF = {
+    "q_proj": "q_kernel", "k_proj": "k_kernel", "v_proj": "v_kernel", "o_proj": "o_kernel",
+    "gate_proj": "gate_kernel", "up_proj": "up_kernel", "down_proj": "down_kernel",
+}
+
+
+def _lora_delta(module: nnx.Module, name: str, x, ctx):
+    """``scale * (x @ A) @ B`` computed on activations (never materialises A @ B), or 0."""
+    a = getattr(module, f"{name}_lora_a", None)
+    if a is None or not ctx.get("use_lora", True):
+        return 0.0
+    b = getattr(module, f"{name}_lora_b")
+    dt = x.dtype
+    a_val = a[...]
+    xa = jnp.tensordot(x, a_val.astype(dt), axes=a_val.ndim - 1)  # [B, T, r]
+    return module.lora_scale * jnp.tensordot(xa, b[...].astype(dt), axes=1)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype):
         self.eps = eps
@@ -79,6 +117,10 @@ class Attention(nnx.Module):
         self.v_kernel = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
         self.v_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), pd, init="zeros")
         self.o_kernel = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd)
+        _add_lora(self, cfg, rngs, "q_proj", ("embed", "heads", "head_dim"), 1)
+        _add_lora(self, cfg, rngs, "k_proj", ("embed", "kv_heads", "head_dim"), 1)
+        _add_lora(self, cfg, rngs, "v_proj", ("embed", "kv_heads", "head_dim"), 1)
+        _add_lora(self, cfg, rngs, "o_proj", ("heads", "head_dim", "embed"), 2)
 
     def __call__(self, x, cos, sin, ctx, cache_kv):
         cfg, dt = self.cfg, x.dtype
@@ -86,6 +128,9 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dnh->btnh", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
         k = jnp.einsum("btd,dkh->btkh", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(dt)
         v = jnp.einsum("btd,dkh->btkh", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
+        q = q + _lora_delta(self, "q_proj", x, ctx)
+        k = k + _lora_delta(self, "k_proj", x, ctx)
+        v = v + _lora_delta(self, "v_proj", x, ctx)
         q = shard(apply_rotary(q, cos, sin), ("batch", "length", "act_heads", "head_dim"), mesh, rules)
         k = shard(apply_rotary(k, cos, sin), ("batch", "length", "act_kv_heads", "head_dim"), mesh, rules)
         v = shard(v, ("batch", "length", "act_kv_heads", "head_dim"), mesh, rules)
@@ -112,7 +157,7 @@ class Attention(nnx.Module):
                     q, all_k[self.layer_index].astype(dt), all_v[self.layer_index].astype(dt), ctx["q_slot"], slots,
                     ctx["kv_valid"], impl=cfg.attention_impl, block_size=cfg.attention_block_size, is_decode=True,
                 )
-        out = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(dt))
+        out = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(dt)) + _lora_delta(self, "o_proj", out, ctx)
         return out, cache_kv
 
 
@@ -124,13 +169,17 @@ class MLP(nnx.Module):
         self.gate_kernel = _param(rngs, (d, f), ("embed", "mlp"), pd)
         self.up_kernel = _param(rngs, (d, f), ("embed", "mlp"), pd)
         self.down_kernel = _param(rngs, (f, d), ("mlp", "embed"), pd)
+        _add_lora(self, cfg, rngs, "gate_proj", ("embed", "mlp"), 1)
+        _add_lora(self, cfg, rngs, "up_proj", ("embed", "mlp"), 1)
+        _add_lora(self, cfg, rngs, "down_proj", ("mlp", "embed"), 1)
 
-    def __call__(self, x):
+    def __call__(self, x, ctx):
         dt = x.dtype
-        gate = jnp.einsum("btd,df->btf", x, self.gate_kernel[...].astype(dt))
-        up = jnp.einsum("btd,df->btf", x, self.up_kernel[...].astype(dt))
+        gate = jnp.einsum("btd,df->btf", x, self.gate_kernel[...].astype(dt)) + _lora_delta(self, "gate_proj", x, ctx)
+        up = jnp.einsum("btd,df->btf", x, self.up_kernel[...].astype(dt)) + _lora_delta(self, "up_proj", x, ctx)
         hidden = shard(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"), self.mesh, self.rules)
-        return jnp.einsum("btf,fd->btd", hidden, self.down_kernel[...].astype(dt))
+        out = jnp.einsum("btf,fd->btd", hidden, self.down_kernel[...].astype(dt))
+        return out + _lora_delta(self, "down_proj", hidden, ctx)
 
 
 class DecoderLayer(nnx.Module):
@@ -145,7 +194,7 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, ctx, cache_kv):
         attn_out, cache_kv = self.attn(self.input_norm(x), cos, sin, ctx, cache_kv)
         x = x + attn_out
-        x = x + self.mlp(self.post_attn_norm(x))
+        x = x + self.mlp(self.post_attn_norm(x), ctx)
         x = shard(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
         return x, cache_kv
 
@@ -156,8 +205,9 @@ _REMAT_POLICIES = {
 }
 
 
-def _run_layer(layer, x, cos, sin, ctx, cache_kv):
-    return layer(x, cos, sin, ctx, cache_kv)
+def _run_layer(layer, x, cos, sin, ctx, cache_kv, use_lora):
+    # use_lora is a static Python bool (remat's static_argnums), added to ctx after tracing starts.
+    return layer(x, cos, sin, {**ctx, "use_lora": use_lora}, cache_kv)
 
 
 class Qwen2ForCausalLM(nnx.Module):
@@ -166,7 +216,8 @@ class Qwen2ForCausalLM(nnx.Module):
     Optional: ``positions`` [B, T] (default: derived from the mask as HF generation does,
     ``cumsum(mask) - 1``), ``segment_ids`` [B, T] for packed rows (0 = padding), ``cache`` (a
     ``KVCache``; then ``(logits, cache)`` is returned), ``return_hidden`` (final normed hidden
-    states instead of logits, for losses that apply the LM head blockwise).
+    states instead of logits, for losses that apply the LM head blockwise), ``use_lora`` (False
+    runs the base weights only, i.e. the reference policy of a LoRA run).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None, rules: Rules = LOGICAL_AXIS_RULES):
@@ -188,7 +239,7 @@ class Qwen2ForCausalLM(nnx.Module):
             return jnp.einsum("...d,vd->...v", h, self.embed[...].astype(jnp.float32))
         return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(jnp.float32))
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache: KVCache | None = None, return_hidden: bool = False):
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache: KVCache | None = None, return_hidden: bool = False, use_lora: bool = True):
         cfg = self.cfg
         dt = _dtype(cfg.dtype)
         input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -200,6 +251,7 @@ class Qwen2ForCausalLM(nnx.Module):
             seg_valid = segment_ids > 0
             attention_mask = seg_valid if attention_mask is None else attention_mask & seg_valid
 
+        # use_lora=False runs the frozen base weights: GRPO's reference policy without a second copy.
         ctx = {"segment_ids": segment_ids}
         if cache is None or t > 1:
             if positions is None:
@@ -225,10 +277,10 @@ class Qwen2ForCausalLM(nnx.Module):
 
         run = _run_layer
         if cfg.remat != "none" and cache is None:
-            run = nnx.remat(_run_layer, policy=_REMAT_POLICIES[cfg.remat])
+            run = nnx.remat(_run_layer, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(6,))
         cache_kv = None if cache is None else (cache.k, cache.v)
         for layer in self.layers:
-            x, cache_kv = run(layer, x, cos, sin, ctx, cache_kv)
+            x, cache_kv = run(layer, x, cos, sin, ctx, cache_kv, use_lora)
         hidden = self.final_norm(x)
         out = hidden if return_hidden else shard(
             self.logits_from_hidden(hidden), ("batch", "length", "act_vocab"), self.mesh, self.rules

@@ -171,11 +171,15 @@ def save_hf(
         out_dir.mkdir(parents=True, exist_ok=True)
     store_dtype = jnp.dtype(dtype or cfg.param_dtype)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    from grouprank_jax.models.lora import merged_kernels
+
+    merged = merged_kernels(model)  # LoRA adapters folded into their kernels
 
     shards: list[dict[str, np.ndarray]] = [{}]
     shard_bytes = 0
     for hf_key, nnx_path, mapping in expand(cfg):
-        value = mapping.to_hf(_host_value(flat[nnx_path]), cfg).astype(store_dtype)
+        host = merged[nnx_path] if nnx_path in merged else _host_value(flat[nnx_path])
+        value = mapping.to_hf(host, cfg).astype(store_dtype)
         if shard_bytes and shard_bytes + value.nbytes > max_shard_bytes:
             shards.append({})
             shard_bytes = 0
@@ -184,7 +188,7 @@ def save_hf(
     if not writer:
         return out_dir
 
-    hf_config = cfg.to_hf_dict()
+    hf_config = cfg.replace(lora_rank=0).to_hf_dict()
     hf_config["dtype"] = "bfloat16" if store_dtype == jnp.bfloat16 else "float32"
     hf_config["transformers_version"] = _transformers_version()
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
