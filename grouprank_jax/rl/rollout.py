@@ -1,0 +1,59 @@
+"""From GroupRank records to scored rollouts: multi-scale groups, prompts, sampling, parsing
+and the jitted reward."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from grouprank_jax.grouprank.parsing import parse_batch
+from grouprank_jax.grouprank.prompts import load_template, render_prompt
+from grouprank_jax.grouprank.reward import RewardConfig, compute_rewards
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    query: str
+    docs: tuple[str, ...]
+    gold: tuple[float, ...]  # teacher scores (0..10) of ``docs``, in prompt order
+
+
+def sample_group(record: Mapping[str, Any], size_range: tuple[int, int], rng: random.Random) -> Group:
+    """A multi-scale training group (paper Alg. 1): a size drawn from ``size_range`` (capped by
+    the record's documents), a random subset of that size, in shuffled prompt order."""
+    docs = [d["text"] if isinstance(d, Mapping) else str(d) for d in record["documents"]]
+    gold = record.get("gold") or record.get("scores")
+    if gold is None:
+        raise ValueError(f"{record.get('source', '<record>')}: an RL record needs gold labels (gold or scores)")
+    low, high = size_range
+    size = min(len(docs), rng.randint(low, high))
+    picked = rng.sample(range(len(docs)), size)  # a random subset, already in shuffled order
+    return Group(record["query"], tuple(docs[i] for i in picked), tuple(float(gold[i]) for i in picked))
+
+
+def build_prompts(tokenizer, groups: Sequence[Group], preset: str, max_doc_chars: int, max_prompt_len: int) -> list[str]:
+    template = load_template(preset)
+    return [render_prompt(tokenizer, g.query, list(g.docs), template, max_doc_chars, max_prompt_len) for g in groups]
+
+
+def score_rollouts(texts: Sequence[str], groups: Sequence[Group], rollouts_per_prompt: int, reward_cfg: RewardConfig,
+                   pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """Parse every rollout (never raises) and compute the reward and its components, each [R]."""
+    sizes = [len(g.docs) for g in groups for _ in range(rollouts_per_prompt)]
+    pad_to = pad_to or max(sizes)
+    scores, valid, status = parse_batch(list(texts), sizes, pad_to)  # [R, c], [R, c], [R]
+    gold = np.zeros((len(sizes), pad_to), np.float32)
+    mask = np.zeros((len(sizes), pad_to), bool)
+    for row, size in enumerate(sizes):
+        group = groups[row // rollouts_per_prompt]
+        gold[row, :size] = group.gold
+        mask[row, :size] = True
+    out = compute_rewards(jnp.asarray(scores), jnp.asarray(valid), jnp.asarray(status), jnp.asarray(gold),
+                          jnp.asarray(mask), cfg=reward_cfg)
+    result = {k: np.asarray(v) for k, v in out.items()}
+    result["format_status"] = status
+    return result

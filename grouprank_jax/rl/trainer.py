@@ -1,0 +1,219 @@
+"""The GRPO loop (paper §3.3 / Table 10): per step, B prompts -> G rollouts each from the
+shared-weight sampler -> parse -> jitted reward -> group advantages -> policy update(s).
+
+Trainer and sampler read the same parameter arrays (collocated on one mesh). With LoRA the
+reference policy is the same weights with the adapters off; with full fine-tuning it is a
+frozen copy of the initial weights (only kept when ``kl_coef > 0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grouprank_jax.rl.advantages import group_advantages
+from grouprank_jax.rl.losses import loss_kwargs
+from grouprank_jax.rl.rollout import build_prompts, sample_group, score_rollouts
+from grouprank_jax.rl.step import make_grpo_update, make_logprob_fn
+from grouprank_jax.run_config import RunConfig
+from grouprank_jax.train_state import apply_restored, init_train_state, make_optimizer, restore_target, shard_batch
+from grouprank_jax.training import RunDir, load_initial_model, rebuild_with_config, save_base_weights
+
+log = logging.getLogger(__name__)
+
+STOP_STRING = "</answer>"  # the output format's last tag: nothing useful follows it
+
+
+@dataclasses.dataclass
+class GRPOResult:
+    model: Any
+    step: int
+    metrics: list[dict]
+    run_dir: Path
+
+
+def _bucket(n: int, smallest: int, largest: int) -> int:
+    size = smallest
+    while size < n:
+        size *= 2
+    return min(size, largest) if largest >= n else n
+
+
+def _assemble_rows(tokenizer, prompts: Sequence[str], out, G: int, pad_id: int, prompt_buckets: Sequence[int], max_new: int):
+    """Left-padded prompts + right-padded completions as one [R, P + C] row per rollout."""
+    encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    longest = max(len(e) for e in encoded)
+    P = next((b for b in sorted(prompt_buckets) if b >= longest), longest)
+    C = _bucket(int(out.lengths.max()), 16, max_new)
+    R = len(prompts) * G
+    seq_ids = np.full((R, P + C), pad_id, np.int32)
+    seq_mask = np.zeros((R, P + C), np.int32)
+    for i, ids in enumerate(encoded):
+        rows = slice(i * G, (i + 1) * G)
+        seq_ids[rows, P - len(ids):P] = ids
+        seq_mask[rows, P - len(ids):P] = 1
+    completion_mask = out.mask[:, :C].astype(np.int32)
+    seq_ids[:, P:] = np.where(completion_mask, out.tokens[:, :C], pad_id)
+    seq_mask[:, P:] = completion_mask
+    old_logp = np.where(completion_mask, out.logprobs[:, :C], 0.0).astype(np.float32)
+    return P, {"seq_ids": seq_ids, "seq_mask": seq_mask, "completion_mask": completion_mask, "old_logp": old_logp}
+
+
+def train_grpo(
+    cfg: RunConfig,
+    records: Sequence[Mapping[str, Any]] | None = None,
+    tokenizer=None,
+    mesh=None,
+    model=None,
+    max_steps: int | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    prompt_preset: str | None = None,
+) -> GRPOResult:
+    from grouprank_jax.checkpoint import Checkpointer
+    from grouprank_jax.data.pipeline import rl_dataset
+    from grouprank_jax.metrics_log import MetricsLogger
+    from grouprank_jax.preemption import PreemptionGuard
+    from grouprank_jax.sampling import Sampler, SamplingParams
+    from grouprank_jax.sft.trainer import _progress
+    from grouprank_jax.tokenizer import load_tokenizer
+
+    grpo, run_dir = cfg.grpo, RunDir(Path(cfg.run_dir))
+    G = grpo.rollouts_per_prompt
+    tokenizer = tokenizer or load_tokenizer()
+    preset = prompt_preset or cfg.sft.prompt_preset
+    if records is None:
+        from grouprank_jax.data.records import iter_records
+
+        if not cfg.data.rl_train:
+            raise ValueError("no RL data: set data.rl_train to JSONL/Parquet files of GroupRank records")
+        records = list(iter_records(list(cfg.data.rl_train), purpose="rl"))
+    if model is None:
+        model = load_initial_model(cfg.init_from, cfg.model, mesh, seed=cfg.seed)
+    lora = grpo.lora_enabled
+    if lora:
+        model = rebuild_with_config(model, model.cfg.replace(
+            lora_rank=grpo.lora_rank, lora_alpha=grpo.lora_alpha, lora_targets=tuple(grpo.lora_targets)), mesh, cfg.seed)
+    save_base_weights(model, run_dir)
+
+    prompts_per_process = grpo.global_batch_prompts // jax.process_count()
+    steps_per_epoch = max(1, len(records) // grpo.global_batch_prompts)
+    total_steps = grpo.epochs * steps_per_epoch if max_steps is None else max_steps
+    updates_per_step = grpo.updates_per_rollout_batch
+    tx = make_optimizer(grpo.learning_rate, total_steps * updates_per_step, warmup_steps=0, weight_decay=0.0,
+                        max_grad_norm=1.0)
+    state = init_train_state(model, tx, lora=lora, seed=cfg.seed)
+    # Full fine-tuning keeps a frozen copy of the starting weights as the KL reference.
+    ref_trainable = None
+    if grpo.kl_coef and not lora:
+        ref_trainable = jax.tree.map(jnp.copy, state.trainable)
+
+    data_iter = iter(rl_dataset(list(records), batch_size=prompts_per_process, seed=cfg.seed))
+    ckpt = Checkpointer(run_dir.checkpoints, save_every=cfg.checkpoint.save_every, keep=cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save)
+    if ckpt.latest_step() is not None:
+        state = apply_restored(state, ckpt.restore(target=restore_target(state), data_iterator=data_iter).state)
+        log.info("resumed GRPO from step %d", state.step)
+
+    sampler = Sampler(state.model, tokenizer=tokenizer, mesh=mesh, max_prompt_len=grpo.max_prompt_len,
+                      max_new_tokens=grpo.max_response_len)
+    kwargs = loss_kwargs(grpo)
+    updates: dict[int, Any] = {}
+    ref_fns: dict[int, Any] = {}
+    logger = MetricsLogger(run_dir.root)
+    history: list[dict] = []
+    bar = _progress(progress, total_steps, state.step, "grpo")
+    try:
+        with PreemptionGuard() as guard:
+            while state.step < total_steps:
+                t0 = time.perf_counter()
+                batch_records = next(data_iter)
+                rng = random.Random(cfg.seed * 1_000_003 + state.step)
+                groups = [sample_group(r, grpo.group_size_range(state.step), rng) for r in batch_records]
+                prompts = build_prompts(tokenizer, groups, preset, cfg.sft.max_doc_chars, grpo.max_prompt_len)
+                sampler.model = state.model  # the freshly updated arrays, no copy
+                out = sampler.generate(prompts, SamplingParams(
+                    temperature=grpo.temperature, n=G, seed=cfg.seed * 7919 + state.step,
+                    max_new_tokens=grpo.max_response_len, stop=(STOP_STRING,)))
+                t_sample = time.perf_counter() - t0
+                scored = score_rollouts(out.texts, groups, G, cfg.reward)
+                advantages = np.asarray(group_advantages(
+                    jnp.asarray(scored["reward"]), grpo.advantage, group_size=G, eps=grpo.adv_eps, ddof=grpo.adv_std_ddof))
+                P, rows = _assemble_rows(tokenizer, prompts, out, G, sampler.pad_id, sampler.buckets, grpo.max_response_len)
+                rows["advantages"] = advantages.astype(np.float32)
+                device_rows = shard_batch(rows, mesh)
+                if grpo.kl_coef:
+                    if P not in ref_fns:
+                        ref_fns[P] = make_logprob_fn(state.graphdef, P, cfg.sft.loss_chunk_size, use_lora=False)
+                    ref_weights = state.trainable if lora else ref_trainable
+                    device_rows["ref_logp"] = ref_fns[P](ref_weights, state.frozen, device_rows["seq_ids"], device_rows["seq_mask"])
+                if P not in updates:
+                    updates[P] = make_grpo_update(state.graphdef, tx, kwargs, P, cfg.sft.loss_chunk_size)
+                step_metrics = _run_updates(updates[P], state, device_rows, grpo, G)
+                state = step_metrics.pop("_state")
+                state = dataclasses.replace(state, step=state.step + 1)
+                dt = time.perf_counter() - t0
+                train_tokens = float(rows["seq_mask"].sum()) * updates_per_step
+                metrics = _step_metrics(scored, out, step_metrics, dt, t_sample, train_tokens)
+                logger.log(state.step, metrics)
+                history.append({"step": state.step, **metrics})
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['grpo/reward_mean']:.3f}")
+                stopping = guard.should_stop or state.step == stop_after
+                ckpt.save(state.step, state.checkpoint_tree(), data_iterator=data_iter,
+                          force=stopping or state.step == total_steps)
+                if stopping:
+                    log.warning("stopping at step %d; checkpoint saved", state.step)
+                    break
+    finally:
+        bar.close()
+        ckpt.close()
+        logger.close()
+    return GRPOResult(model=state.model, step=state.step, metrics=history, run_dir=run_dir.root)
+
+
+def _run_updates(update_fn, state, rows: dict, grpo, G: int) -> dict:
+    """num_updates_per_batch passes over the rollout batch in prompt-aligned mini-batches."""
+    total_rows = rows["seq_ids"].shape[0]
+    mini_rows = min(total_rows, grpo.mini_batch_prompts * G)
+    collected: list[dict] = []
+    trainable, opt_state = state.trainable, state.opt_state
+    for _ in range(grpo.num_updates_per_batch):
+        for start in range(0, total_rows, mini_rows):
+            mb = {k: v[start:start + mini_rows] for k, v in rows.items()}
+            trainable, opt_state, metrics = update_fn(trainable, state.frozen, opt_state, mb)
+            collected.append(jax.device_get(metrics))
+    first = collected[0]
+    out = {k: float(np.mean([m[k] for m in collected])) for k in first}
+    out["logprob_drift"] = float(first["logprob_drift"])  # first update: sampler vs trainer
+    out["first_ratio_mean"] = float(first["ratio_mean"])
+    out["_state"] = dataclasses.replace(state, trainable=trainable, opt_state=opt_state)
+    return out
+
+
+def _step_metrics(scored: dict, out, update: dict, step_time: float, sample_time: float, train_tokens: float) -> dict:
+    reward = scored["reward"]
+    metrics = {
+        "grpo/reward_mean": float(reward.mean()),
+        "grpo/reward_std": float(reward.std()),
+        "grpo/format_valid_rate": float((scored["format_status"] == 0).mean()),
+        "grpo/rollout_ndcg@10": float(scored["ndcg"].mean()),
+        "grpo/rollout_recall@10": float(scored["recall"].mean()),
+        "grpo/alignment": float(scored["alignment"].mean()),
+        "grpo/response_len_mean": float(out.lengths.mean()),
+        "grpo/sampling_tokens_per_s": float(out.lengths.sum()) / max(sample_time, 1e-9),
+        "grpo/training_tokens_per_s": train_tokens / max(step_time - sample_time, 1e-9),
+        "grpo/step_time_s": step_time,
+    }
+    for key in ("loss", "pg_loss", "kl", "entropy", "clip_frac", "grad_norm", "logprob_drift", "first_ratio_mean"):
+        if key in update:
+            metrics[f"grpo/{key}"] = update[key]
+    return metrics

@@ -1,0 +1,55 @@
+"""The jitted SFT step: masked next-token cross-entropy with a blockwise LM head, gradient
+accumulation over micro-batches (exact token-mean over the whole step) and the optax update."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from grouprank_jax.models.token_logprobs import lm_head_matrix, token_logprobs
+
+
+def sft_loss_sums(trainable, frozen, graphdef, batch, chunk_size: int):
+    """(sum of token NLL over the loss mask, number of loss tokens) for one micro-batch.
+
+    ``batch``: input_ids/targets/loss_mask/segment_ids/positions ``[B, T]``; ``targets[t]`` is
+    the token after ``input_ids[t]`` and ``loss_mask[t]`` marks assistant-target positions.
+    """
+    model = nnx.merge(graphdef, trainable, frozen)
+    hidden = model(
+        batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"], return_hidden=True
+    )  # [B, T, D]
+    logp, _ = token_logprobs(lm_head_matrix(model), hidden, batch["targets"], chunk_size, with_entropy=False)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return -jnp.sum(logp * mask), jnp.sum(mask)
+
+
+def make_sft_step(graphdef, tx: optax.GradientTransformation, chunk_size: int = 1024, donate: bool = True):
+    """``step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)``.
+
+    ``batch`` leaves are ``[accum, micro_batch, T]``: the scan sums gradients of the summed
+    loss, and one division by the step's total loss tokens gives the exact token mean.
+    """
+
+    def step(trainable, frozen, opt_state, batch):
+        grad_fn = jax.value_and_grad(sft_loss_sums, has_aux=True)
+
+        def micro(carry, mb):
+            grads_acc, loss_acc, tokens_acc = carry
+            (loss_sum, tokens), grads = grad_fn(trainable, frozen, graphdef, mb, chunk_size)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            return (grads_acc, loss_acc + loss_sum, tokens_acc + tokens), None
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, loss_sum, tokens), _ = jax.lax.scan(micro, init, batch)
+        denom = jnp.maximum(tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "loss_tokens": tokens}
+        return trainable, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 2) if donate else ())

@@ -1,0 +1,212 @@
+"""The explicit train-state pytree shared by the SFT and GRPO loops, its optimizer and its
+checkpoint round trip.
+
+The model is split once (``graphdef``, ``trainable``, ``frozen``): jitted steps are pure
+functions of ``(trainable, frozen, opt_state, batch)``. In a LoRA run ``trainable`` holds only
+the adapters, so only they get gradients, optimizer state and checkpoints; the frozen base
+weights double as the GRPO reference policy (adapters switched off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from grouprank_jax.models.build import state_shardings
+from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, logical_to_spec
+
+log = logging.getLogger(__name__)
+
+
+def make_optimizer(
+    learning_rate: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    max_grad_norm: float | None = 1.0,
+    min_lr_ratio: float = 0.0,
+) -> optax.GradientTransformation:
+    """AdamW with linear warmup + cosine decay and global-norm clipping.
+
+    Weight decay skips 1-D params (norm scales, biases), the usual convention.
+    """
+    total_steps = max(int(total_steps), 1)
+    warmup_steps = min(int(warmup_steps), total_steps - 1) if total_steps > 1 else 0
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup_steps else learning_rate,
+        peak_value=learning_rate,
+        warmup_steps=warmup_steps,
+        decay_steps=total_steps,
+        end_value=learning_rate * min_lr_ratio,
+    )
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)  # noqa: E731
+    parts = []
+    if max_grad_norm:
+        parts.append(optax.clip_by_global_norm(max_grad_norm))
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def trainable_filter(lora: bool):
+    return nnx.LoRAParam if lora else nnx.Param
+
+
+@dataclasses.dataclass
+class TrainState:
+    graphdef: Any
+    trainable: nnx.State
+    frozen: nnx.State
+    opt_state: Any
+    step: int
+    rng: jax.Array  # raw uint32 key data (Orbax stores key data, not typed keys)
+    lora: bool
+
+    @property
+    def model(self):
+        return nnx.merge(self.graphdef, self.trainable, self.frozen)
+
+    def checkpoint_tree(self) -> dict:
+        return {
+            "trainable": self.trainable.to_pure_dict(),
+            "opt_state": self.opt_state,
+            "step": np.asarray(self.step, np.int64),
+            "rng": self.rng,
+        }
+
+
+def split_model(model, lora: bool):
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(lora), ...)
+    return graphdef, trainable, frozen
+
+
+def init_train_state(model, tx: optax.GradientTransformation, lora: bool, seed: int = 0) -> TrainState:
+    graphdef, trainable, frozen = split_model(model, lora)
+    if not jax.tree.leaves(trainable):
+        raise ValueError("no trainable parameters: LoRA requested but the model has lora_rank=0")
+    # jit keeps each moment on its parameter's sharding (GSPMD propagation of zeros_like).
+    opt_state = jax.jit(tx.init)(trainable)
+    rng = jax.random.key_data(jax.random.key(seed))
+    return TrainState(graphdef, trainable, frozen, opt_state, 0, rng, lora)
+
+
+def restore_target(state: TrainState) -> dict:
+    """Abstract target (shapes, dtypes, current shardings) for restoring ``state``'s checkpoint."""
+
+    def abstract(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return np.asarray(x)
+
+    return jax.tree.map(abstract, state.checkpoint_tree())
+
+
+def apply_restored(state: TrainState, tree: dict) -> TrainState:
+    trainable = state.trainable
+    trainable.replace_by_pure_dict(tree["trainable"])
+    return dataclasses.replace(
+        state,
+        trainable=trainable,
+        opt_state=tree["opt_state"],
+        step=int(np.asarray(tree["step"])),
+        rng=tree["rng"],
+    )
+
+
+def batch_sharding(mesh: Mesh | None, ndim: int, batch_axis: int = 0) -> NamedSharding | None:
+    if mesh is None:
+        return None
+    names = [None] * ndim
+    names[batch_axis] = "batch"
+    return NamedSharding(mesh, logical_to_spec(names, None, mesh, LOGICAL_AXIS_RULES))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh | None, batch_axis: int = 0) -> dict[str, jax.Array]:
+    """Host arrays -> global arrays with the batch dim over ``data x fsdp``.
+
+    Single process: ``batch`` is the global batch. Multi-process: each process passes its own
+    slice (grain per-process sharding) and the global array is assembled without any copy
+    between hosts (``make_array_from_process_local_data``).
+    """
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        sharding = batch_sharding(mesh, value.ndim, batch_axis)
+        if sharding is None:
+            out[key] = jnp.asarray(value)
+        elif jax.process_count() > 1:
+            out[key] = jax.make_array_from_process_local_data(sharding, value)
+        else:
+            out[key] = jax.device_put(value, sharding)
+    return out
+
+
+def replicated(mesh: Mesh | None):
+    return None if mesh is None else NamedSharding(mesh, P())
+
+
+def save_run_metadata(run_dir: Path, model_cfg, extra: dict | None = None) -> None:
+    if jax.process_index() != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = {"model": dataclasses.asdict(model_cfg), **(extra or {})}
+    (run_dir / "model_config.json").write_text(json.dumps(data["model"], indent=2) + "\n")
+    if extra:
+        (run_dir / "run_meta.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
+
+
+def load_trained_model(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = None):
+    """The model of a training run at ``step`` (default: the latest checkpoint).
+
+    A run directory holds ``model_config.json``, step checkpoints under ``checkpoints/`` and, for
+    LoRA runs, the frozen full weights under ``base/params`` (the adapters are merged into them on
+    export). Full fine-tuning checkpoints carry every parameter, so no base copy is kept.
+    """
+    from grouprank_jax.checkpoint import Checkpointer
+    from grouprank_jax.training import rebuild_with_config
+    from grouprank_jax.weights.orbax_io import abstract_model, load_params, read_model_config
+
+    run_dir = Path(run_dir)
+    cfg = read_model_config(run_dir)  # raises a clear error if this is no grouprank directory
+    lora = bool(cfg.lora_rank)
+    if lora:
+        if not (run_dir / "base" / "params").exists():
+            raise FileNotFoundError(f"{run_dir}: a LoRA run needs its base weights under base/params")
+        base = load_params(run_dir, mesh=mesh, params_dir=run_dir / "base" / "params", lora_rank=0)
+        model = rebuild_with_config(base, cfg, mesh, 0)
+    else:
+        model = abstract_model(cfg, mesh)
+    ckpt_dir = run_dir / "checkpoints"
+    with Checkpointer(ckpt_dir, async_save=False) as ckpt:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"{ckpt_dir} holds no finished checkpoint")
+        # No target: the optimizer layout is not needed to read the params back out.
+        restored = ckpt.restore(step)
+    graphdef, trainable, frozen = split_model(model, lora)
+    trainable.replace_by_pure_dict(jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restored.state["trainable"]))
+    return nnx.merge(graphdef, trainable, frozen)
+
+
+__all__ = [
+    "TrainState",
+    "apply_restored",
+    "init_train_state",
+    "load_trained_model",
+    "make_optimizer",
+    "restore_target",
+    "shard_batch",
+    "split_model",
+    "state_shardings",
+]
