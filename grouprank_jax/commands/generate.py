@@ -1,0 +1,114 @@
+"""``grouprank generate``: sample completions for a JSONL file of prompts.
+
+Each input line is one of ``{"prompt": str}`` (tokenized as-is, no chat template),
+``{"messages": [...]}`` (rendered with the tokenizer's chat template and a generation prompt)
+or ``{"prompt_ids": [int, ...]}``. Each output line is one sample:
+``{"prompt_index", "sample_index", "text", "token_ids", "logprobs", "finish_reason"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="sample completions for a JSONL file of prompts")
+    p.add_argument("--model", required=True, help="HF-format checkpoint directory (Qwen2/Qwen2.5, with config.json)")
+    p.add_argument("--prompts", required=True, help='JSONL: {"prompt": str} | {"messages": [...]} | {"prompt_ids": [...]}')
+    p.add_argument("--out", required=True, help="output JSONL, one line per sample")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the bundled Qwen2.5 tokenizer)")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-prompt-len", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable), e.g. --stop '</answer>'")
+    p.set_defaults(func=run)
+
+
+def read_prompts(path: str | Path, tokenizer) -> list[list[int]]:
+    """Token-id prompts from a JSONL file; a malformed line raises ValueError naming file:line."""
+    prompts = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: invalid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if isinstance(record.get("prompt_ids"), list) and all(isinstance(t, int) for t in record["prompt_ids"]):
+                ids = record["prompt_ids"]
+            elif isinstance(record.get("prompt"), str):
+                ids = tokenizer.encode(record["prompt"], add_special_tokens=False)
+            elif isinstance(record.get("messages"), list):
+                try:
+                    text = tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
+                except (TypeError, KeyError, ValueError) as err:
+                    raise ValueError(f"{where}: cannot render 'messages' with the chat template ({err})") from err
+                ids = tokenizer.encode(text, add_special_tokens=False)
+            else:
+                raise ValueError(
+                    f'{where}: expected "prompt" (string), "messages" (list of {{role, content}}) '
+                    f'or "prompt_ids" (list of ints); got keys {sorted(record)}'
+                )
+            if not ids:
+                raise ValueError(f"{where}: the prompt is empty")
+            prompts.append(list(ids))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    from grouprank_jax.sampling import Sampler, SamplingParams
+    from grouprank_jax.tokenizer import load_tokenizer
+    from grouprank_jax.weights import load_hf
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(
+            f"--model {model_dir}: no config.json there; pass a HF-format Qwen2 directory "
+            "(an Orbax training checkpoint must be exported first with `grouprank export-hf`)"
+        )
+    tokenizer = load_tokenizer(args.tokenizer)
+    prompts = read_prompts(args.prompts, tokenizer)
+    model = load_hf(model_dir)
+    sampler = Sampler(model, tokenizer=tokenizer, max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens)
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, n=args.n, seed=args.seed,
+        max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
+    )
+    total_tokens, total_seconds = 0, 0.0
+    with open(args.out, "w", encoding="utf-8") as out:
+        for start in range(0, len(prompts), args.batch_size):
+            chunk = prompts[start:start + args.batch_size]
+            # A distinct, reproducible seed per chunk so chunks do not repeat each other's draws.
+            result = sampler.generate(chunk, dataclasses.replace(params, seed=args.seed + start))
+            for row in range(len(chunk) * args.n):
+                length = int(result.lengths[row])
+                out.write(json.dumps({
+                    "prompt_index": start + row // args.n,
+                    "sample_index": row % args.n,
+                    "text": result.texts[row],
+                    "token_ids": result.tokens[row, :length].tolist(),
+                    "logprobs": [round(float(x), 6) for x in result.logprobs[row, :length]],
+                    "finish_reason": result.finish_reasons[row],
+                }) + "\n")
+            total_tokens += result.stats.generated_tokens
+            total_seconds += result.stats.prefill_seconds + result.stats.decode_seconds
+    print(f"{len(prompts)} prompts x {args.n} samples | {total_tokens} tokens in {total_seconds:.1f} s "
+          f"({total_tokens / max(total_seconds, 1e-9):.1f} tok/s) -> {args.out}")
+    return 0

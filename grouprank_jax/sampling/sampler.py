@@ -1,0 +1,290 @@
+"""Batched autoregressive sampling: one jitted prefill, then a jitted ``lax.while_loop`` decode.
+
+Flow of ``Sampler.generate``:
+1. prompts are left-padded into a ``[B, T]`` shape bucket (T: a power of two >= 64, capped at
+   ``max_prompt_len``; B: a power of two that the mesh's batch axes divide; dummy rows fill it);
+2. prefill (jit): one forward over the prompts writes a dense ``[L, B, T + max_new, K, H]`` KV
+   cache and returns only the last position's logits; the cache and logits are then repeated
+   ``n`` times (one prefill serves all n rollouts of a prompt);
+3. decode (jit, cache donated): step 0 samples from the prefill logits, then a ``while_loop``
+   feeds the last token, samples, records token / log-prob, and exits once every row is done;
+4. on the host: dummy rows are dropped, stop strings are applied by truncation, text is decoded.
+
+Model parameters are passed to the jitted functions as an argument (``nnx.state(model)`` at each
+call), never closed over, so an optimizer step on the same model is picked up without recompiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from grouprank_jax.models.kv_cache import CACHE_AXES, KVCache
+from grouprank_jax.parallel.mesh import named_sharding
+from grouprank_jax.sampling import ops
+from grouprank_jax.sampling.params import SamplingParams
+from grouprank_jax.sampling.stops import apply_stop_strings, stop_token_sequences
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|> (grouprank_jax.tokenizer.stop_token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerStats:
+    prefill_seconds: float  # wall time of the prefill call (includes compilation when compiled)
+    decode_seconds: float  # wall time of the decode loop (same)
+    prompt_tokens: int  # real (unpadded) prompt tokens prefilled
+    generated_tokens: int  # sum of lengths over the returned rows
+    decode_steps: int  # loop iterations run (<= max_new_tokens; fewer on early exit)
+    batch_bucket: int  # prompts per prefill after padding to the batch bucket
+    prompt_bucket: int  # padded prompt length
+    compiled: bool  # this call hit a shape not seen before (timings include compilation)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    """Rows are prompt-major: row ``i * n + j`` is sample j of prompt i."""
+
+    tokens: np.ndarray  # [N, max_new] int32, pad id after each row's end
+    lengths: np.ndarray  # [N] int32, generated tokens including the stop id / stop string
+    logprobs: np.ndarray  # [N, max_new] fp32, log-softmax at temperature 1 of the sampled token; 0 after the end
+    prompt_lengths: np.ndarray  # [N] int32
+    finish_reasons: tuple[str, ...]  # "stop" (stop id or string) or "length"
+    texts: tuple[str, ...] | None  # decoded completions (special tokens skipped) when a tokenizer is given
+    stats: SamplerStats
+
+    @property
+    def mask(self) -> np.ndarray:
+        """[N, max_new] bool: the position holds a generated token."""
+        return np.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
+
+
+def prompt_buckets(max_prompt_len: int, smallest: int = 64) -> tuple[int, ...]:
+    """Powers of two >= ``smallest`` below ``max_prompt_len``, then ``max_prompt_len`` itself."""
+    out, b = [], smallest
+    while b < max_prompt_len:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_prompt_len,)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+class Sampler:
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        mesh: Mesh | None = None,
+        max_prompt_len: int = 2048,
+        max_new_tokens: int = 512,
+        prompt_length_buckets: Sequence[int] | None = None,
+        stop_token_ids: Sequence[int] = DEFAULT_STOP_IDS,
+        pad_token_id: int | None = None,
+    ):
+        self.model = model  # shared with the trainer: its parameter arrays are read at each call
+        self.cfg = model.cfg
+        self.tokenizer = tokenizer
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        self.max_prompt_len = int(max_prompt_len)
+        self.max_new_tokens = int(max_new_tokens)
+        self.buckets = tuple(sorted(prompt_length_buckets or prompt_buckets(self.max_prompt_len)))
+        if self.buckets[-1] < self.max_prompt_len:
+            raise ValueError(f"prompt_length_buckets {self.buckets} must reach max_prompt_len={self.max_prompt_len}")
+        self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
+        self.pad_id = int(self.cfg.pad_token_id if pad_token_id is None else pad_token_id)
+        self.batch_multiple = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self._graphdef = nnx.graphdef(model)
+        self._seen_shapes: set[tuple] = set()
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("n", "slots"))
+        self._decode = jax.jit(
+            self._decode_fn, static_argnames=("greedy", "top_k", "use_top_p", "max_new"), donate_argnames=("cache",)
+        )
+
+    # ---- jitted pure functions of (params, ...) ------------------------------------------
+    def _constrain(self, x, names):
+        if self.mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(x, named_sharding(self.mesh, names, x.shape))
+
+    def _prefill_fn(self, state, ids, mask, *, n: int, slots: int):
+        """ids, mask [B, T] -> (last logits [B*n, V] fp32, KVCache with B*n rows)."""
+        model = nnx.merge(self._graphdef, state)
+        cfg = self.cfg
+        b = ids.shape[0]
+        cache = KVCache.init(cfg.num_layers, b, slots, cfg.num_kv_heads, cfg.head_dim, dtype=jnp.dtype(cfg.dtype))
+        cache = self._shard_cache(cache)
+        hidden, cache = model(ids, attention_mask=mask, cache=cache, return_hidden=True)  # [B, T, D]
+        # Left padding puts every prompt's last token at T-1; the LM head runs on that slice only.
+        logits = model.logits_from_hidden(hidden[:, -1])  # [B, V]
+        cache = self._shard_cache(cache.repeat(n))
+        logits = self._constrain(jnp.repeat(logits, n, axis=0), ("batch", "act_vocab"))  # [B*n, V]
+        return logits, cache
+
+    def _shard_cache(self, cache: KVCache) -> KVCache:
+        return KVCache(
+            k=self._constrain(cache.k, CACHE_AXES),
+            v=self._constrain(cache.v, CACHE_AXES),
+            valid=self._constrain(cache.valid, ("cache_batch", "cache_length")),
+            index=cache.index,
+        )
+
+    def _decode_fn(self, state, cache, logits0, prompt_lens, live, seed, temperature, top_p, stop_ids, stop_seqs,
+                   *, greedy: bool, top_k: int, use_top_p: bool, max_new: int):
+        """Sample ``max_new`` tokens at most for all rows; rows with ``live`` False start done."""
+        model = nnx.merge(self._graphdef, state)
+        rows = logits0.shape[0]
+        base_key = jax.random.key(seed)
+        row_ids = jnp.arange(rows, dtype=jnp.int32)
+
+        def record(step, logits, carry):
+            tokens, logprobs, done, lengths, stopped, recent = carry
+            keys = ops.row_keys(base_key, row_ids, step)
+            tok = ops.sample_tokens(logits, keys, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+            lp = ops.token_logprobs(logits, tok)
+            active = ~done
+            # Finished rows stop changing: pad token, log-prob 0, length frozen.
+            tok = jnp.where(active, tok, self.pad_id)
+            lp = jnp.where(active, lp, 0.0)
+            tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
+            logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, lp[:, None], step, axis=1)
+            lengths = lengths + active.astype(jnp.int32)
+            recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
+            ended = active & (jnp.isin(tok, stop_ids) | ops.match_stop_sequences(recent, stop_seqs))
+            stopped = stopped | ended
+            done = done | ended | (step + 1 >= max_new)
+            # The token fed back next step: finished rows feed id 0, since the pad id need not be
+            # inside the vocabulary (an out-of-range embedding lookup yields NaN).
+            return jnp.where(active, tok, 0), (tokens, logprobs, done, lengths, stopped, recent)
+
+        window = max(1, stop_seqs.shape[1])
+        carry = (
+            jnp.full((rows, max_new), self.pad_id, jnp.int32),  # tokens
+            jnp.zeros((rows, max_new), jnp.float32),  # logprobs
+            ~live,  # done
+            jnp.zeros((rows,), jnp.int32),  # lengths
+            jnp.zeros((rows,), bool),  # stopped (by an id / sequence, not by length)
+            jnp.full((rows, window), -2, jnp.int32),  # recent tokens for stop-sequence matching
+        )
+        last, carry = record(0, logits0, carry)
+
+        def cond(loop):
+            step, _, _, carry = loop
+            return (step < max_new) & ~jnp.all(carry[2])
+
+        def body(loop):
+            step, cache, last, carry = loop
+            # The token sampled at step-1 sits at position prompt_len + step - 1 (cache slot T + step - 1).
+            positions = (prompt_lens + step - 1)[:, None]  # [B, 1]
+            logits, cache = model(last[:, None], positions=positions, cache=cache)  # [B, 1, V]
+            last, carry = record(step, logits[:, 0], carry)
+            return step + 1, cache, last, carry
+
+        steps, cache, _, carry = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, last, carry))
+        tokens, logprobs, _, lengths, stopped, _ = carry
+        return tokens, logprobs, lengths, stopped, steps, cache
+
+    # ---- host side ------------------------------------------------------------------------
+    def _encode(self, prompts) -> list[list[int]]:
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"prompt {i} is a string but the Sampler has no tokenizer; pass token-id lists or tokenizer=")
+                p = self.tokenizer.encode(p, add_special_tokens=False)
+            ids = [int(t) for t in p]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            if len(ids) > self.max_prompt_len:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens > max_prompt_len={self.max_prompt_len}; "
+                                 "truncate it or build the Sampler with a larger max_prompt_len")
+            if min(ids) < 0 or max(ids) >= self.cfg.vocab_size:
+                raise ValueError(f"prompt {i} has token ids outside [0, {self.cfg.vocab_size})")
+            out.append(ids)
+        return out
+
+    def _put(self, x: np.ndarray, names):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, named_sharding(self.mesh, names, x.shape))
+
+    def generate(self, prompts, params: SamplingParams = SamplingParams()) -> SamplerOutput:
+        if not prompts:
+            raise ValueError("generate() needs at least one prompt")
+        encoded = self._encode(prompts)
+        n, max_new = params.n, params.max_new_tokens or self.max_new_tokens
+        num = len(encoded)
+        longest = max(len(p) for p in encoded)
+        t = next(b for b in self.buckets if b >= longest)
+        b = _next_pow2(num)
+        b = -(-b // self.batch_multiple) * self.batch_multiple
+
+        # [B, T] left-padded with id 0 (masked out; the pad id may lie outside the vocabulary);
+        # dummy rows hold one visible token so no row is entirely masked.
+        ids = np.zeros((b, t), np.int32)
+        mask = np.zeros((b, t), np.int32)
+        mask[num:, -1] = 1
+        lens = np.ones((b,), np.int32)
+        for i, p in enumerate(encoded):
+            ids[i, t - len(p):] = p
+            mask[i, t - len(p):] = 1
+            lens[i] = len(p)
+        live = np.repeat(np.arange(b) < num, n)  # [B*n]
+
+        stop_ids = () if params.ignore_eos else (params.stop_token_ids if params.stop_token_ids is not None else self.stop_token_ids)
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop={params.stop!r} needs a tokenizer; pass Sampler(tokenizer=...) or use stop_token_ids")
+        stop_seqs = stop_token_sequences(self.tokenizer, () if params.ignore_eos else params.stop)
+        use_top_p = params.top_p < 1.0
+        top_k = 0 if params.greedy else params.top_k
+        shape_key = (b, t, n, max_new, params.greedy, top_k, use_top_p, len(stop_ids), stop_seqs.shape)
+        compiled = shape_key not in self._seen_shapes
+        if compiled:
+            self._seen_shapes.add(shape_key)
+            log.info("sampler: compiling batch=%d prompt_len=%d n=%d max_new=%d (greedy=%s top_k=%d top_p=%s stops=%s)",
+                     b, t, n, max_new, params.greedy, top_k, use_top_p, stop_seqs.shape)
+
+        state = nnx.state(self.model)
+        t0 = time.perf_counter()
+        logits0, cache = self._prefill(state, self._put(ids, ("batch", "length")), self._put(mask, ("batch", "length")),
+                                       n=n, slots=t + max_new)
+        jax.block_until_ready(logits0)
+        t1 = time.perf_counter()
+        tokens, logprobs, lengths, stopped, steps, _ = self._decode(
+            state, cache, logits0, self._put(np.repeat(lens, n), ("batch",)), self._put(live, ("batch",)),
+            jnp.uint32(params.seed), jnp.float32(max(params.temperature, 1e-6)), jnp.float32(params.top_p),
+            jnp.asarray(stop_ids, jnp.int32), jnp.asarray(stop_seqs),
+            greedy=params.greedy, top_k=top_k, use_top_p=use_top_p, max_new=max_new,
+        )
+        tokens, logprobs, lengths, stopped, steps = jax.device_get((tokens, logprobs, lengths, stopped, steps))
+        t2 = time.perf_counter()
+
+        keep = num * n  # prompt-major rows of the real prompts come first; dummies are dropped
+        tokens, logprobs = np.array(tokens[:keep]), np.array(logprobs[:keep])
+        lengths, stopped = np.array(lengths[:keep]), np.array(stopped[:keep])
+        texts = None
+        if self.tokenizer is not None:
+            texts = apply_stop_strings(self.tokenizer, tokens, logprobs, lengths, stopped,
+                                       () if params.ignore_eos else params.stop, self.pad_id)
+        stats = SamplerStats(
+            prefill_seconds=t1 - t0, decode_seconds=t2 - t1, prompt_tokens=int(sum(len(p) for p in encoded)),
+            generated_tokens=int(lengths.sum()), decode_steps=int(steps), batch_bucket=b, prompt_bucket=t,
+            compiled=compiled,
+        )
+        return SamplerOutput(
+            tokens=tokens, lengths=lengths, logprobs=logprobs,
+            prompt_lengths=np.repeat(np.asarray([len(p) for p in encoded], np.int32), n),
+            finish_reasons=tuple("stop" if s else "length" for s in stopped),
+            texts=None if texts is None else tuple(texts), stats=stats,
+        )

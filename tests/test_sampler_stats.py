@@ -1,0 +1,72 @@
+"""Statistical checks of the pure sampling op: allowed support and frequencies.
+
+20,000 draws per case from a fixed 8-token distribution. Bound: every token count lies within
+5 binomial standard deviations of its expectation (plus 1 for discreteness); a correct sampler
+fails this with probability < 1e-5 per case. Tokens outside the filtered support never appear.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grouprank_jax.sampling import ops
+from grouprank_jax.sampling.sampler import prompt_buckets
+
+DRAWS = 20_000
+LOGITS = np.log(np.asarray([0.30, 0.22, 0.15, 0.12, 0.09, 0.06, 0.04, 0.02]))  # sorted, no ties
+
+
+def _expected(temperature, top_k, top_p):
+    """The reference distribution, computed independently of ops.py (numpy, float64)."""
+    p = np.exp(LOGITS / temperature)
+    p /= p.sum()
+    keep = np.ones_like(p, bool)
+    order = np.argsort(-p)
+    if top_k:
+        keep[order[top_k:]] = False
+    q = np.where(keep, p, 0.0)
+    q /= q.sum()
+    if top_p < 1.0:
+        mass = 0.0
+        for i in order:
+            if not keep[i]:
+                continue
+            if mass >= top_p:
+                keep[i] = False
+            mass += q[i]
+    out = np.where(keep, p, 0.0)
+    return out / out.sum()
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.7), (0.7, 5, 0.8), (0.3, 0, 0.8)],
+)
+def test_filtered_sampling_frequencies(temperature, top_k, top_p):
+    keys = jax.random.split(jax.random.key(1234), DRAWS)
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (DRAWS, LOGITS.size))  # [N, V]
+    draw = jax.jit(ops.sample_tokens, static_argnames=("greedy", "top_k", "use_top_p"))
+    tokens = np.asarray(draw(logits, keys, temperature, top_p, greedy=False, top_k=top_k, use_top_p=top_p < 1.0))
+    want = _expected(temperature, top_k, top_p)
+    counts = np.bincount(tokens, minlength=LOGITS.size)
+    assert (counts[want == 0] == 0).all(), f"filtered-out tokens drawn: {counts} vs support {want > 0}"
+    bound = 5 * np.sqrt(DRAWS * want * (1 - want)) + 1
+    assert (np.abs(counts - DRAWS * want) <= bound).all(), f"counts {counts} vs expected {DRAWS * want}"
+
+
+def test_greedy_and_logprobs_and_stop_sequences():
+    logits = jnp.asarray([LOGITS, LOGITS[::-1]], jnp.float32)  # [2, V]
+    keys = jax.random.split(jax.random.key(0), 2)
+    tok = ops.sample_tokens(logits, keys, 1.0, 1.0, greedy=True)
+    np.testing.assert_array_equal(tok, [0, 7])
+    np.testing.assert_allclose(ops.token_logprobs(logits, tok), np.log([0.30, 0.30]), rtol=1e-6)
+    recent = jnp.asarray([[5, 6, 7], [1, 6, 7], [7, 6, 5]])  # [B, W]
+    seqs = jnp.asarray([[-1, 6, 7], [9, 9, 5]])  # "6 7" and "9 9 5"
+    np.testing.assert_array_equal(ops.match_stop_sequences(recent, seqs), [True, True, False])
+    assert not ops.match_stop_sequences(recent, jnp.zeros((0, 0), jnp.int32)).any()
+
+
+def test_prompt_buckets():
+    assert prompt_buckets(1000) == (64, 128, 256, 512, 1000)
+    assert prompt_buckets(64) == (64,)
