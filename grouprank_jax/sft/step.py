@@ -11,34 +11,55 @@ from flax import nnx
 from grouprank_jax.models.token_logprobs import lm_head_matrix, token_logprobs
 
 
-def sft_loss_sums(trainable, frozen, graphdef, batch, chunk_size: int):
+def loss_rows_bucket(loss_mask, smallest: int = 16) -> int:
+    """Host-side: a power-of-two bound on loss tokens per row (a static shape for the step)."""
+    import numpy as np
+
+    longest = int(np.asarray(loss_mask).reshape(-1, loss_mask.shape[-1]).sum(-1).max())
+    size = smallest
+    while size < longest:
+        size *= 2
+    return min(size, loss_mask.shape[-1])
+
+
+def sft_loss_sums(trainable, frozen, graphdef, batch, chunk_size: int, loss_tokens_per_row: int | None = None):
     """(sum of token NLL over the loss mask, number of loss tokens) for one micro-batch.
 
     ``batch``: input_ids/targets/loss_mask/segment_ids/positions ``[B, T]``; ``targets[t]`` is
     the token after ``input_ids[t]`` and ``loss_mask[t]`` marks assistant-target positions.
+    With ``loss_tokens_per_row`` = K (>= every row's loss tokens), only the K loss positions of
+    each row reach the LM head: prompts never pay for the 152k-wide projection.
     """
     model = nnx.merge(graphdef, trainable, frozen)
     hidden = model(
         batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"], return_hidden=True
     )  # [B, T, D]
-    logp, _ = token_logprobs(lm_head_matrix(model), hidden, batch["targets"], chunk_size, with_entropy=False)
-    mask = batch["loss_mask"].astype(jnp.float32)
+    mask = batch["loss_mask"].astype(jnp.int32)
+    targets = batch["targets"]
+    if loss_tokens_per_row is not None and loss_tokens_per_row < mask.shape[1]:
+        # Stable sort puts each row's loss positions first, in order; keep the first K.
+        idx = jnp.argsort(-mask, axis=1, stable=True)[:, :loss_tokens_per_row]  # [B, K]
+        hidden = jnp.take_along_axis(hidden, idx[..., None], axis=1)  # [B, K, D]
+        targets = jnp.take_along_axis(targets, idx, axis=1)
+        mask = jnp.take_along_axis(mask, idx, axis=1)
+    logp, _ = token_logprobs(lm_head_matrix(model), hidden, targets, chunk_size, with_entropy=False)
+    mask = mask.astype(jnp.float32)
     return -jnp.sum(logp * mask), jnp.sum(mask)
 
 
 def make_sft_step(graphdef, tx: optax.GradientTransformation, chunk_size: int = 1024, donate: bool = True):
-    """``step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)``.
+    """``step(trainable, frozen, opt_state, batch, loss_tokens_per_row=None) -> (trainable, opt_state, metrics)``.
 
     ``batch`` leaves are ``[accum, micro_batch, T]``: the scan sums gradients of the summed
     loss, and one division by the step's total loss tokens gives the exact token mean.
     """
 
-    def step(trainable, frozen, opt_state, batch):
+    def step(trainable, frozen, opt_state, batch, loss_tokens_per_row=None):
         grad_fn = jax.value_and_grad(sft_loss_sums, has_aux=True)
 
         def micro(carry, mb):
             grads_acc, loss_acc, tokens_acc = carry
-            (loss_sum, tokens), grads = grad_fn(trainable, frozen, graphdef, mb, chunk_size)
+            (loss_sum, tokens), grads = grad_fn(trainable, frozen, graphdef, mb, chunk_size, loss_tokens_per_row)
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
             return (grads_acc, loss_acc + loss_sum, tokens_acc + tokens), None
 
@@ -52,4 +73,4 @@ def make_sft_step(graphdef, tx: optax.GradientTransformation, chunk_size: int = 
         metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "loss_tokens": tokens}
         return trainable, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 2) if donate else ())
+    return jax.jit(step, donate_argnums=(0, 2) if donate else (), static_argnames=("loss_tokens_per_row",))

@@ -84,7 +84,7 @@ def train_sft(
     from grouprank_jax.data.pipeline import chat_tokenize_fn, sft_dataset
     from grouprank_jax.metrics_log import MetricsLogger
     from grouprank_jax.preemption import PreemptionGuard
-    from grouprank_jax.sft.step import make_sft_step
+    from grouprank_jax.sft.step import loss_rows_bucket, make_sft_step
     from grouprank_jax.tokenizer import load_tokenizer
 
     sft = cfg.sft
@@ -121,7 +121,7 @@ def train_sft(
     render = GroupRankRender(sft.prompt_preset, sft.max_doc_chars)
     dataset = sft_dataset(
         records, chat_tokenize_fn(tokenizer, render), seq_len=sft.max_seq_len, batch_size=per_process_batch,
-        seed=cfg.seed, packing=sft.packing, truncation="left",
+        seed=cfg.seed, packing=sft.packing, truncation="left", length_buckets=sft.length_buckets,
     )
     data_iter = iter(dataset)
 
@@ -139,8 +139,10 @@ def train_sft(
         with PreemptionGuard() as guard:
             while state.step < total_steps:
                 t0 = time.perf_counter()
-                batch = shard_batch(_stack_accum(next(data_iter), accum), mesh, batch_axis=1)
-                trainable, opt_state, metrics = step_fn(state.trainable, state.frozen, state.opt_state, batch)
+                host_batch = _stack_accum(next(data_iter), accum)
+                k = None if sft.packing else loss_rows_bucket(host_batch["loss_mask"])
+                batch = shard_batch(host_batch, mesh, batch_axis=1)
+                trainable, opt_state, metrics = step_fn(state.trainable, state.frozen, state.opt_state, batch, k)
                 state = dataclasses.replace(state, trainable=trainable, opt_state=opt_state, step=state.step + 1)
                 metrics = {f"sft/{k}": float(v) for k, v in jax.device_get(metrics).items()}
                 dt = time.perf_counter() - t0

@@ -1,0 +1,106 @@
+"""The demo's groupwise dataset, generated deterministically (nothing is downloaded).
+
+A toy retrieval world a tiny model can learn on two CPU cores: each document is three words
+led by a topic word; a query names one topic; a document is relevant (gold 10) when its
+topic is the query's, else not (gold 0). The SFT target reasons the way GroupRank's targets
+do — it looks at every document, then scores them all as JSON:
+
+    <reason> query apple. [1] river no. [2] apple yes. ... </reason>
+    <answer> ```json {"[1]": 0, "[2]": 10, ...} ``` </answer>
+
+The held-out evaluation uses new queries and documents; its first stage is an uninformative
+ranking (random order), so every NDCG gain comes from the reranker.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+TOPICS = ("apple", "river", "tiger", "music", "coffee", "planet", "garden", "winter",
+          "castle", "rocket", "forest", "honey", "island", "silver", "pepper", "violin")
+FILLERS = ("old", "new", "red", "blue", "small", "big", "quiet", "bright", "dark", "warm",
+           "cold", "fast", "slow", "soft", "green", "tall", "happy", "strange", "simple", "open")
+
+
+@dataclass(frozen=True)
+class DemoDataConfig:
+    seed: int = 0
+    sft_records: int = 640
+    rl_records: int = 256
+    eval_queries: int = 16
+    eval_candidates: int = 20  # documents per held-out query (one group of 20, or 4 of 5)
+    min_group: int = 3
+    max_group: int = 5
+
+
+def _document(rng: random.Random, topic: str) -> str:
+    return " ".join([topic, rng.choice(FILLERS), rng.choice(FILLERS)])
+
+
+def _group(rng: random.Random, size: int) -> tuple[str, list[str], list[int]]:
+    query = rng.choice(TOPICS)
+    relevant = rng.randint(1, max(1, size // 2))
+    others = [t for t in TOPICS if t != query]
+    topics = [query] * relevant + [rng.choice(others) for _ in range(size - relevant)]
+    rng.shuffle(topics)
+    docs = [_document(rng, t) for t in topics]
+    gold = [10 if t == query else 0 for t in topics]
+    return query, docs, gold
+
+
+def reasoning(query: str, docs: list[str], gold: list[int]) -> str:
+    judged = " ".join(f"[{i}] {d.split()[0]} {'yes' if g else 'no'}." for i, (d, g) in enumerate(zip(docs, gold), 1))
+    return f"query {query}. {judged}"
+
+
+def make_records(n: int, rng: random.Random, cfg: DemoDataConfig, with_reasoning: bool) -> list[dict]:
+    records = []
+    for _ in range(n):
+        query, docs, gold = _group(rng, rng.randint(cfg.min_group, cfg.max_group))
+        record = {"query": query, "documents": docs, "scores": gold}
+        if with_reasoning:
+            record["reasoning"] = reasoning(query, docs, gold)
+        records.append(record)
+    return records
+
+
+def write_demo_data(out_dir: str | Path, cfg: DemoDataConfig = DemoDataConfig()) -> dict[str, Path]:
+    """Write ``sft_train.jsonl``, ``rl_train.jsonl`` and ``eval/`` (BEIR-style corpus, queries,
+    qrels and a first-stage TREC run) under ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(cfg.seed)
+    paths = {"sft_train": out / "sft_train.jsonl", "rl_train": out / "rl_train.jsonl"}
+    for name, n, reason in (("sft_train", cfg.sft_records, True), ("rl_train", cfg.rl_records, False)):
+        with open(paths[name], "w") as fh:
+            for record in make_records(n, rng, cfg, reason):
+                if name == "rl_train":
+                    record["gold"] = record.pop("scores")
+                fh.write(json.dumps(record) + "\n")
+
+    eval_rng = random.Random(cfg.seed + 1)
+    corpus, queries, qrels, run = [], [], [], []
+    for q in range(cfg.eval_queries):
+        qid = f"q{q}"
+        query = TOPICS[q % len(TOPICS)]
+        queries.append({"_id": qid, "text": query})
+        relevant = eval_rng.randint(2, 6)
+        others = [t for t in TOPICS if t != query]
+        topics = [query] * relevant + [eval_rng.choice(others) for _ in range(cfg.eval_candidates - relevant)]
+        eval_rng.shuffle(topics)  # the first stage knows nothing: random order
+        for rank, topic in enumerate(topics, 1):
+            docid = f"{qid}d{rank}"
+            corpus.append({"_id": docid, "title": "", "text": _document(eval_rng, topic)})
+            qrels.append((qid, docid, 1 if topic == query else 0))
+            run.append(f"{qid} Q0 {docid} {rank} {1.0 / rank:.6f} random\n")
+    paths.update({k: out / "eval" / n for k, n in (("corpus", "corpus.jsonl"), ("queries", "queries.jsonl"),
+                                                   ("qrels", "qrels.tsv"), ("run", "run.trec"))})
+    paths["corpus"].write_text("".join(json.dumps(c) + "\n" for c in corpus))
+    paths["queries"].write_text("".join(json.dumps(c) + "\n" for c in queries))
+    paths["qrels"].write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{a}\t{b}\t{c}\n" for a, b, c in qrels))
+    paths["run"].write_text("".join(run))
+    paths["eval"] = out / "eval"
+    return paths
