@@ -1,0 +1,53 @@
+"""``grouprank plan --config CONFIG --topology TOPOLOGY [key=value ...]``: pre-flight check.
+
+Prints the per-chip memory table and every sharding / batch violation; exits 1 when the run
+would not shard cleanly or fit, 2 when the inputs themselves are wrong. Runs on a laptop: the
+model is built abstractly, nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("plan", help="check a run config against a topology (sharding, batches, HBM)")
+    p.add_argument("--config", required=True, metavar="YAML", help="run config (configs/*.yaml)")
+    p.add_argument("--topology", required=True, help="e.g. v5p-64, v4-8, v6e-256x2, 2x8xh200")
+    p.add_argument("--stage", choices=("auto", "sft", "grpo", "both"), default="auto",
+                   help="stage to plan; auto: from the config file name (sft_*/grpo_*), else both")
+    p.add_argument("--usable-fraction", type=float, default=0.9,
+                   help="fraction of HBM the run may use (default 0.9)")
+    p.add_argument("--grpo-micro-rows", type=int, default=1,
+                   help="rollouts per batch shard per GRPO forward/backward (default 1)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. mesh.tensor=4")
+    p.set_defaults(func=run)
+
+
+def stages_for(config_path: str, stage: str) -> tuple[str, ...]:
+    if stage == "both":
+        return ("sft", "grpo")
+    if stage != "auto":
+        return (stage,)
+    name = Path(config_path).name.lower()
+    found = tuple(s for s in ("sft", "grpo") if s in name)
+    return found if len(found) == 1 else ("sft", "grpo")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so that ``grouprank --help`` does not import flax.
+    from grouprank_jax.plan import PlanOptions, parse_topology, plan
+    from grouprank_jax.run_config import load_run_config
+
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        topology = parse_topology(args.topology)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
+        print(f"grouprank plan: {err}", file=sys.stderr)
+        return 2
+    options = PlanOptions(usable_fraction=args.usable_fraction, grpo_micro_rows=args.grpo_micro_rows)
+    report = plan(cfg, topology, stages_for(args.config, args.stage), options)
+    print(report.table())
+    return 0 if report.ok else 1

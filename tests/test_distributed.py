@@ -1,0 +1,102 @@
+"""A real 2-process x 4-CPU-device job on localhost (gloo collectives), checked against the
+same computation in one process: ``initialize_distributed`` from the GROUPRANK_* variables,
+``global_batch_from_local``, ``allreduce_metrics`` and a jitted computation sharded over both
+processes' devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+
+from conftest import REPO
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import jax
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", int(sys.argv[2]))
+    sys.path.insert(0, sys.argv[1])
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from grouprank_jax.config import MeshConfig
+    from grouprank_jax.parallel import distributed as dist
+    from grouprank_jax.parallel.mesh import make_mesh
+
+    multi = dist.initialize_distributed()
+    assert dist.initialize_distributed() == multi  # idempotent
+    pid, n = jax.process_index(), jax.process_count()
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=2))
+    rows = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)  # the global batch
+    local = rows[pid * 8 // n:(pid + 1) * 8 // n]
+    batch = dist.global_batch_from_local({"x": local}, mesh)
+    w = jax.device_put(jnp.linspace(-1, 1, 6 * 4, dtype=jnp.float32).reshape(6, 4),
+                       NamedSharding(mesh, P(None, "tensor")))
+
+    @jax.jit
+    def f(x, w):
+        y = jnp.tanh(x @ w)
+        return jnp.sum(y, axis=0), jnp.mean(y)
+
+    col, mean = f(batch["x"], w)
+    col = np.asarray(jax.experimental.multihost_utils.process_allgather(col, tiled=True))
+    metrics = dist.allreduce_metrics({"pid": float(pid), "mean": float(mean)})
+    dist.sync_global_devices("done")
+    print("RESULT " + json.dumps({"pid": pid, "n": n, "devices": jax.device_count(),
+          "shape": list(batch["x"].shape), "col": col.tolist(), "metrics": metrics,
+          "primary": dist.is_primary()}))
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(num_processes: int) -> list[dict]:
+    port = _free_port()
+    procs = []
+    for i in range(num_processes):
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+        env.update(GROUPRANK_COORDINATOR=f"127.0.0.1:{port}", GROUPRANK_NUM_PROCESSES=str(num_processes),
+                   GROUPRANK_PROCESS_ID=str(i))
+        if num_processes == 1:
+            env.update(GROUPRANK_NUM_PROCESSES="1", GROUPRANK_COORDINATOR="")
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(REPO), str(8 // num_processes)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, f"worker failed (rc={p.returncode}):\n{err[-3000:]}"
+            line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+            results.append(json.loads(line[len("RESULT "):]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return results
+
+
+def test_two_processes_match_one():
+    start = time.perf_counter()
+    multi = _run(2)
+    single = _run(1)[0]
+    elapsed = time.perf_counter() - start
+    assert [r["pid"] for r in multi] == [0, 1]
+    assert [r["primary"] for r in multi] == [True, False]
+    for r in multi:
+        assert r["n"] == 2 and r["devices"] == 8 and r["shape"] == [8, 6]
+        np.testing.assert_allclose(r["col"], single["col"], rtol=1e-6)
+        np.testing.assert_allclose(r["metrics"]["mean"], single["metrics"]["mean"], rtol=1e-6)
+        assert r["metrics"]["pid"] == 0.5  # mean of process ids 0 and 1
+    assert single["n"] == 1 and single["devices"] == 8
+    assert elapsed < 60, f"multi-process test took {elapsed:.1f}s"
