@@ -92,6 +92,25 @@ def test_update_on_8_device_mesh_equals_single_device(lora):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_equal_one_pass(agg):
+    model = create_model(model_preset("tiny-smallvocab"), seed=7)
+    grpo = GRPOConfig(kl_coef=0.001, loss_agg_mode=agg)
+    P, rows = _rollout_batch(np.random.default_rng(2))
+    tx = make_optimizer(1e-3, 10, max_grad_norm=None)
+    outs = []
+    for micro in (None, 2):
+        state = init_train_state(model, tx, lora=False)
+        batch = {k: jnp.asarray(v) for k, v in rows.items()}
+        old, _ = completion_logprobs(state.trainable, state.frozen, state.graphdef, batch["seq_ids"], batch["seq_mask"], P, 8)
+        batch["old_logp"], batch["ref_logp"] = old - 0.01, old + 0.02
+        update = make_grpo_update(state.graphdef, tx, loss_kwargs(grpo), P, 8, donate=False, micro_rows=micro)
+        outs.append(jax.device_get(update(state.trainable, state.frozen, state.opt_state, batch)))
+    (t1, _, m1), (t2, _, m2) = outs
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-4)
+
+
 def test_lora_reference_is_base_model():
     cfg = model_preset("tiny-smallvocab")
     base = create_model(cfg, seed=6)

@@ -77,31 +77,20 @@ def load_candidates(data: str, run_path: str | None):
 
 def _model_score_fn(args, tokenizer, counters: dict):
     """score_fn backed by the JAX sampler; counts generated tokens into ``counters``."""
-    import jax.numpy as jnp
-    import numpy as np
+    from grouprank_jax.commands.convert import load_any_checkpoint
+    from grouprank_jax.grouprank.scoring import ScoringCounters, sampler_score_fn
 
-    from grouprank_jax.sampling import Sampler, SamplingParams
-    from grouprank_jax.weights import load_hf
-
-    model = load_hf(args.model, dtype=jnp.float32, mesh=None)
-    sampler = Sampler(
-        model, tokenizer=tokenizer, mesh=None, max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens
-    )
+    model = load_any_checkpoint(args.model)
+    stats = ScoringCounters()
+    inner = sampler_score_fn(model, tokenizer, max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                             counters=stats)
 
     def score_fn(prompts: list[str]) -> list[str]:
-        params = SamplingParams(
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            n=1,
-            seed=args.seed + counters["calls"],  # fresh randomness per call, reproducible per run
-            max_new_tokens=args.max_new_tokens,
-            stop=["</answer>"],
-        )
-        out = sampler.generate(prompts, params)
-        counters["calls"] += 1
-        counters["tokens"] += int(np.asarray(out.lengths).sum())
-        return list(out.texts)
+        texts = inner(prompts)
+        counters["calls"], counters["tokens"] = stats.calls, stats.generated_tokens
+        counters["prompt_tokens"] = stats.prompt_tokens
+        return texts
 
     return score_fn
 

@@ -1,12 +1,18 @@
 """The demo's groupwise dataset, generated deterministically (nothing is downloaded).
 
-A toy retrieval world a tiny model can learn on two CPU cores: each document is three words
-led by a topic word; a query names one topic; a document is relevant (gold 10) when its
-topic is the query's, else not (gold 0). The SFT target reasons the way GroupRank's targets
-do — it looks at every document, then scores them all as JSON:
+A toy retrieval world a tiny model can learn on two CPU cores in a few hundred steps: each
+document is four single-token words led by a topic word; a query names one topic; a document
+is relevant (gold ``relevant_score``, 8) when its topic is the query's, else 0. The SFT target
+restates the query, then scores every document as JSON:
 
-    <reason> query apple. [1] river no. [2] apple yes. ... </reason>
-    <answer> ```json {"[1]": 0, "[2]": 10, ...} ``` </answer>
+    <reason> apple </reason>
+    <answer> ```json {"[1]": 0, "[2]": 8, ...} ``` </answer>
+
+Why this shape: a document block ("[k]. w1 w2 w3 w4" + blank line) and a JSON entry are both
+eight tokens, so the score of document k sits at the same relative offset from document k's
+topic word for every k. A 64-wide, 4-layer model can then find the evidence with fixed-offset
+attention (easy to learn with RoPE) instead of an index lookup, and learns relevance within
+the demo's budget. Single-digit scores keep every JSON entry the same length.
 
 The held-out evaluation uses new queries and documents; its first stage is an uninformative
 ranking (random order), so every NDCG gain comes from the reranker.
@@ -32,34 +38,34 @@ class DemoDataConfig:
     rl_records: int = 256
     eval_queries: int = 16
     eval_candidates: int = 20  # documents per held-out query (one group of 20, or 4 of 5)
-    min_group: int = 3
+    min_group: int = 5
     max_group: int = 5
+    relevant_score: int = 8
 
 
 def _document(rng: random.Random, topic: str) -> str:
-    return " ".join([topic, rng.choice(FILLERS), rng.choice(FILLERS)])
+    return " ".join([topic] + [rng.choice(FILLERS) for _ in range(3)])
 
 
-def _group(rng: random.Random, size: int) -> tuple[str, list[str], list[int]]:
+def _group(rng: random.Random, size: int, relevant_score: int) -> tuple[str, list[str], list[int]]:
     query = rng.choice(TOPICS)
     relevant = rng.randint(1, max(1, size // 2))
     others = [t for t in TOPICS if t != query]
     topics = [query] * relevant + [rng.choice(others) for _ in range(size - relevant)]
     rng.shuffle(topics)
     docs = [_document(rng, t) for t in topics]
-    gold = [10 if t == query else 0 for t in topics]
+    gold = [relevant_score if t == query else 0 for t in topics]
     return query, docs, gold
 
 
 def reasoning(query: str, docs: list[str], gold: list[int]) -> str:
-    judged = " ".join(f"[{i}] {d.split()[0]} {'yes' if g else 'no'}." for i, (d, g) in enumerate(zip(docs, gold), 1))
-    return f"query {query}. {judged}"
+    return query
 
 
 def make_records(n: int, rng: random.Random, cfg: DemoDataConfig, with_reasoning: bool) -> list[dict]:
     records = []
     for _ in range(n):
-        query, docs, gold = _group(rng, rng.randint(cfg.min_group, cfg.max_group))
+        query, docs, gold = _group(rng, rng.randint(cfg.min_group, cfg.max_group), cfg.relevant_score)
         record = {"query": query, "documents": docs, "scores": gold}
         if with_reasoning:
             record["reasoning"] = reasoning(query, docs, gold)

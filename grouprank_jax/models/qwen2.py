@@ -205,8 +205,7 @@ _REMAT_POLICIES = {
 }
 
 
-def _run_layer(layer, x, cos, sin, ctx, cache_kv, use_lora):
-    # use_lora is a static Python bool (remat's static_argnums), added to ctx after tracing starts.
+def _run_layer(layer, x, cos, sin, ctx, cache_kv, use_lora: bool):
     return layer(x, cos, sin, {**ctx, "use_lora": use_lora}, cache_kv)
 
 
@@ -275,12 +274,19 @@ class Qwen2ForCausalLM(nnx.Module):
         x = shard(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
         cos, sin = rotary_embedding(positions, cfg.head_dim, cfg.rope_theta)
 
-        run = _run_layer
-        if cfg.remat != "none" and cache is None:
-            run = nnx.remat(_run_layer, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(6,))
         cache_kv = None if cache is None else (cache.k, cache.v)
         for layer in self.layers:
-            x, cache_kv = run(layer, x, cos, sin, ctx, cache_kv, use_lora)
+            if cfg.remat != "none" and cache is None:
+                # Pure jax.checkpoint over the layer's (graphdef, state): NNX objects never cross
+                # the remat trace boundary, which keeps LoRA and frozen params legal to read.
+                layer_def, layer_state = nnx.split(layer)
+
+                def pure(state, x, cos, sin, ctx, layer_def=layer_def):
+                    return _run_layer(nnx.merge(layer_def, state), x, cos, sin, ctx, None, use_lora)
+
+                x, cache_kv = jax.checkpoint(pure, policy=_REMAT_POLICIES[cfg.remat])(layer_state, x, cos, sin, ctx)
+            else:
+                x, cache_kv = _run_layer(layer, x, cos, sin, ctx, cache_kv, use_lora)
         hidden = self.final_norm(x)
         out = hidden if return_hidden else shard(
             self.logits_from_hidden(hidden), ("batch", "length", "act_vocab"), self.mesh, self.rules

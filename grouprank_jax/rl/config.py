@@ -32,6 +32,9 @@ class GRPOConfig:
     mini_batch_prompts: int = 64  # PPO mini-batch 64 -> one update per rollout batch [Table 10]
     epochs: int = 5  # passes over the 5,907 RL samples [paper Table 10]
     num_updates_per_batch: int = 1  # verl ppo_epochs; 1 + mini==global => on-policy [INFERRED]
+    # Rows per forward/backward pass inside a mini-batch (gradient accumulation with a global
+    # denominator, so the update is unchanged); None = the whole mini-batch at once.
+    micro_batch_rows: int | None = None
 
     # ---- advantage --------------------------------------------------------------------
     advantage: str = "grpo"  # group-normalised reward [paper §A.4]; "dr_grpo" drops the std

@@ -156,7 +156,8 @@ def train_grpo(
                     ref_weights = state.trainable if lora else ref_trainable
                     device_rows["ref_logp"] = ref_fns[P](ref_weights, state.frozen, device_rows["seq_ids"], device_rows["seq_mask"])
                 if P not in updates:
-                    updates[P] = make_grpo_update(state.graphdef, tx, kwargs, P, cfg.sft.loss_chunk_size)
+                    updates[P] = make_grpo_update(state.graphdef, tx, kwargs, P, cfg.sft.loss_chunk_size,
+                                                  micro_rows=grpo.micro_batch_rows)
                 step_metrics = _run_updates(updates[P], state, device_rows, grpo, G)
                 state = step_metrics.pop("_state")
                 state = dataclasses.replace(state, step=state.step + 1)

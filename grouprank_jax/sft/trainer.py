@@ -104,8 +104,12 @@ def train_sft(
     save_base_weights(model, run_dir)
 
     accum = sft.grad_accum_steps
-    local_devices = max(1, jax.local_device_count())
-    micro = sft.per_device_batch * local_devices
+    # per_device_batch counts rows per batch shard (data x fsdp); tensor-parallel devices share rows.
+    batch_shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    if (sft.per_device_batch * batch_shards) % jax.process_count():
+        raise ValueError(f"{sft.per_device_batch * batch_shards} rows per micro-batch do not split over "
+                         f"{jax.process_count()} processes")
+    micro = sft.per_device_batch * batch_shards // jax.process_count()
     per_process_batch = micro * accum
     global_examples = per_process_batch * jax.process_count()
     steps_per_epoch = max(1, len(records) // global_examples)

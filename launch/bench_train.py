@@ -1,0 +1,164 @@
+"""Training throughput: step time, tokens/s, peak memory and MFU of the SFT step.
+
+    python launch/bench_train.py --preset tiny --batch 8 --seq-len 512 --out bench_train.json
+    python launch/bench_train.py --loss-memory          # blockwise vs naive LM-head loss memory
+
+MFU follows MaxText's count: 6 x (matmul params, LM head included, embedding lookup excluded)
+x tokens, plus attention 12 x layers x heads x head_dim x T^2 per sequence halved for causal
+masking; with ``--lora`` weight gradients of the base are skipped, so 4 x instead of 6 x.
+Peak memory: the device's ``peak_bytes_in_use`` where the backend reports it (GPU/TPU), else
+the compiled step's ``memory_analysis()`` (arguments + outputs + temporaries).
+``run_bench(args)`` is the entry point for ``grouprank bench train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch", type=int, default=8, help="global rows per step")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--dtype", default="float32", help="compute dtype (params stay float32 master weights)")
+    p.add_argument("--param-dtype", default="float32")
+    p.add_argument("--remat", default="none", choices=["none", "full", "dots_saveable"])
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after warm-up")
+    p.add_argument("--loss-chunk", type=int, default=1024)
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak (default: 790 on H200 bf16, else none)")
+    p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor")
+    p.add_argument("--loss-memory", action="store_true", help="only compare blockwise vs naive loss memory")
+    p.add_argument("--out")
+    return p
+
+
+def model_flops_per_step(cfg, batch: int, seq: int, lora: bool) -> float:
+    d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    per_layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f
+    matmul_params = cfg.num_layers * per_layer + d * cfg.vocab_size
+    tokens = batch * seq
+    factor = 4 if lora else 6
+    attention = 12 * cfg.num_layers * n * h * seq * seq * batch / 2  # fwd+bwd, causal halves it
+    return factor * matmul_params * tokens + attention
+
+
+def _peak_memory(compiled) -> tuple[float, str]:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return float(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    ma = compiled.memory_analysis()
+    total = ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+    return float(total), "compiled memory_analysis"
+
+
+def run_bench(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from grouprank_jax.config import MeshConfig, model_preset
+    from grouprank_jax.models import create_model
+    from grouprank_jax.parallel import make_mesh
+    from grouprank_jax.sft.step import make_sft_step
+    from grouprank_jax.train_state import init_train_state, make_optimizer, shard_batch
+    from grouprank_jax.training import rebuild_with_config
+
+    data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
+    mesh = make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
+    cfg = model_preset(args.preset, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
+                       attention_impl=args.attention)
+    model = create_model(cfg, mesh=mesh)
+    if args.lora:
+        model = rebuild_with_config(model, cfg.replace(lora_rank=args.lora, lora_alpha=2.0 * args.lora), mesh, 0)
+    tx = make_optimizer(1e-5, 100)
+    state = init_train_state(model, tx, lora=bool(args.lora))
+    step = make_sft_step(state.graphdef, tx, args.loss_chunk)
+    rng = np.random.default_rng(0)
+    b, t = args.batch, args.seq_len
+    host = {
+        "input_ids": rng.integers(0, cfg.vocab_size, (1, b, t)).astype(np.int32),
+        "targets": rng.integers(0, cfg.vocab_size, (1, b, t)).astype(np.int32),
+        "loss_mask": np.ones((1, b, t), np.int32),
+        "segment_ids": np.ones((1, b, t), np.int32),
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (1, b, t)).copy(),
+    }
+    batch = shard_batch(host, mesh, batch_axis=1)
+    trainable, opt_state = state.trainable, state.opt_state
+    t0 = time.perf_counter()
+    compiled = step.lower(trainable, state.frozen, opt_state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    trainable, opt_state, metrics = step(trainable, state.frozen, opt_state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        trainable, opt_state, metrics = step(trainable, state.frozen, opt_state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    flops = model_flops_per_step(cfg, b, t, bool(args.lora))
+    peak = args.peak_tflops
+    if peak is None and "H200" in str(getattr(jax.devices()[0], "device_kind", "")):
+        peak = 790.0  # measured bf16 matmul peak of the lent H200 (environment notes)
+    mem, mem_source = _peak_memory(compiled)
+    row = {
+        "preset": args.preset, "params": cfg.num_params, "batch": b, "seq_len": t, "dtype": args.dtype,
+        "lora_rank": args.lora, "remat": args.remat, "devices": jax.device_count(),
+        "device": str(jax.devices()[0].device_kind), "compile_s": compile_s, "step_s": step_s,
+        "tokens_per_s": b * t / step_s, "tflops_per_s_per_device": flops / step_s / 1e12 / jax.device_count(),
+        "peak_memory_gib": mem / 2**30, "memory_source": mem_source, "loss": float(metrics["loss"]),
+    }
+    if peak:
+        row["mfu"] = row["tflops_per_s_per_device"] / peak
+    return row
+
+
+def loss_memory(vocab: int = 151936, hidden: int = 896, tokens: int = 8192, chunk: int = 1024) -> dict:
+    """Compiled temp memory of loss+grad: blockwise LM head vs full [tokens, vocab] logits."""
+    import jax
+    import jax.numpy as jnp
+
+    from grouprank_jax.models.token_logprobs import naive_token_logprobs, token_logprobs
+
+    head = jax.ShapeDtypeStruct((hidden, vocab), jnp.float32)
+    h = jax.ShapeDtypeStruct((tokens, hidden), jnp.float32)
+    t = jax.ShapeDtypeStruct((tokens,), jnp.int32)
+
+    def temp(fn):
+        g = jax.jit(jax.grad(lambda w, x, y: -jnp.sum(fn(w, x, y)[0]), argnums=(0, 1)))
+        return g.lower(head, h, t).compile().memory_analysis().temp_size_in_bytes / 2**30
+
+    return {"tokens": tokens, "vocab": vocab, "hidden": hidden, "chunk": chunk,
+            "blockwise_gib": temp(lambda w, x, y: token_logprobs(w, x, y, chunk, with_entropy=False)),
+            "naive_gib": temp(naive_token_logprobs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.loss_memory:
+        result = loss_memory()
+        print(f"| tokens | vocab | blockwise loss+grad temp | naive |\n|---|---|---|---|\n"
+              f"| {result['tokens']} | {result['vocab']} | {result['blockwise_gib']:.2f} GiB | {result['naive_gib']:.2f} GiB |")
+    else:
+        result = run_bench(args)
+        keys = ["preset", "batch", "seq_len", "dtype", "lora_rank", "step_s", "tokens_per_s", "tflops_per_s_per_device",
+                "mfu", "peak_memory_gib", "compile_s"]
+        print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+        print("| " + " | ".join(f"{result[k]:.4g}" if isinstance(result.get(k), float) else str(result.get(k, "-")) for k in keys) + " |")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
