@@ -8,11 +8,13 @@ restates the query, then scores every document as JSON:
     <reason> apple </reason>
     <answer> ```json {"[1]": 0, "[2]": 8, ...} ``` </answer>
 
-Why this shape: a document block ("[k]. w1 w2 w3 w4" + blank line) and a JSON entry are both
-eight tokens, so the score of document k sits at the same relative offset from document k's
-topic word for every k. A 64-wide, 4-layer model can then find the evidence with fixed-offset
-attention (easy to learn with RoPE) instead of an index lookup, and learns relevance within
-the demo's budget. Single-digit scores keep every JSON entry the same length.
+Why this shape: relevance must be learnable by a 64-wide model in a few hundred CPU steps.
+Off-topic documents have distinct topics, so "this topic word already occurred earlier (in the
+query)" is exactly "relevant": a duplicate-token attention pattern, the easiest one to learn.
+A document block ("[k]. w1 w2 w3 w4" + blank line) and a JSON entry are both eight tokens, so
+the score of document k sits at one fixed offset from document k's topic word for every k:
+fixed-offset attention (easy with RoPE) carries the judgment over, no index lookup needed.
+Single-digit scores keep every JSON entry the same length.
 
 The held-out evaluation uses new queries and documents; its first stage is an uninformative
 ranking (random order), so every NDCG gain comes from the reranker.
@@ -26,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TOPICS = ("apple", "river", "tiger", "music", "coffee", "planet", "garden", "winter",
-          "castle", "rocket", "forest", "honey", "island", "silver", "pepper", "violin")
+          "castle", "rocket", "forest", "honey", "island", "silver", "pepper", "violin",
+          "lemon", "mountain", "guitar", "ocean", "butter", "desert", "camera", "pencil",
+          "jacket", "candle", "bridge", "window", "summer", "engine", "bottle", "flower")
 FILLERS = ("old", "new", "red", "blue", "small", "big", "quiet", "bright", "dark", "warm",
            "cold", "fast", "slow", "soft", "green", "tall", "happy", "strange", "simple", "open")
 
@@ -51,7 +55,7 @@ def _group(rng: random.Random, size: int, relevant_score: int) -> tuple[str, lis
     query = rng.choice(TOPICS)
     relevant = rng.randint(1, max(1, size // 2))
     others = [t for t in TOPICS if t != query]
-    topics = [query] * relevant + [rng.choice(others) for _ in range(size - relevant)]
+    topics = [query] * relevant + rng.sample(others, size - relevant)  # distinct off-topic documents
     rng.shuffle(topics)
     docs = [_document(rng, t) for t in topics]
     gold = [relevant_score if t == query else 0 for t in topics]
@@ -95,7 +99,8 @@ def write_demo_data(out_dir: str | Path, cfg: DemoDataConfig = DemoDataConfig())
         queries.append({"_id": qid, "text": query})
         relevant = eval_rng.randint(2, 6)
         others = [t for t in TOPICS if t != query]
-        topics = [query] * relevant + [eval_rng.choice(others) for _ in range(cfg.eval_candidates - relevant)]
+        topics = [query] * relevant + eval_rng.sample(others, min(len(others), cfg.eval_candidates - relevant))
+        topics += [eval_rng.choice(others) for _ in range(cfg.eval_candidates - len(topics))]
         eval_rng.shuffle(topics)  # the first stage knows nothing: random order
         for rank, topic in enumerate(topics, 1):
             docid = f"{qid}d{rank}"
