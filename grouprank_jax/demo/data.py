@@ -3,9 +3,9 @@
 A toy retrieval world a tiny model can learn on two CPU cores in a few hundred steps: each
 document is four single-token words led by a topic word; a query names one topic; a document
 is relevant (gold ``relevant_score``, 8) when its topic is the query's, else 0. The SFT target
-restates the query, then scores every document as JSON:
+states its rule, then scores every document as JSON:
 
-    <reason> apple </reason>
+    <reason> documents whose topic is the query score high </reason>
     <answer> ```json {"[1]": 0, "[2]": 8, ...} ``` </answer>
 
 Why this shape: relevance must be learnable by a 64-wide model in a few hundred CPU steps.
@@ -63,7 +63,7 @@ def _group(rng: random.Random, size: int, relevant_score: int) -> tuple[str, lis
 
 
 def reasoning(query: str, docs: list[str], gold: list[int]) -> str:
-    return query
+    return "documents whose topic is the query score high"
 
 
 def make_records(n: int, rng: random.Random, cfg: DemoDataConfig, with_reasoning: bool) -> list[dict]:

@@ -93,6 +93,10 @@ COMPACT_USER_TEMPLATE = (
     'Reply as <reason> ... </reason> <answer> ```json {"[1]": 5, ...} ``` </answer> '
     "with integer scores for all {TOPK} documents."
 )
+# The shortest template: the CPU demo's tiny model learns fastest when little text separates
+# the documents from the answer. Same output format.
+DEMO_SYSTEM_PROMPT = "Score each document 0-10.\n"
+DEMO_USER_TEMPLATE = "Query: {QUERY}\n{PASSAGES}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +112,7 @@ PRESETS: dict[str, PromptTemplate] = {
     "grouprank": PromptTemplate(GROUP_SYSTEM_PROMPT, GROUP_USER_TEMPLATE, "grouprank"),
     "grouprank-sft": PromptTemplate(GROUP_SYSTEM_PROMPT, GROUP_SFT_USER_TEMPLATE, "grouprank-sft"),
     "compact": PromptTemplate(COMPACT_SYSTEM_PROMPT, COMPACT_USER_TEMPLATE, "compact"),
+    "demo": PromptTemplate(DEMO_SYSTEM_PROMPT, DEMO_USER_TEMPLATE, "demo"),
 }
 
 _PLACEHOLDER = re.compile(r"\{(TOPK|QUERY|PASSAGES)\}")

@@ -78,6 +78,7 @@ def train_grpo(
     progress: bool = True,
     prompt_preset: str | None = None,
 ) -> GRPOResult:
+    """Run (or resume) GRPO in ``cfg.run_dir``; a ``model`` passed in is consumed (donated)."""
     from grouprank_jax.checkpoint import Checkpointer
     from grouprank_jax.data.pipeline import rl_dataset
     from grouprank_jax.metrics_log import MetricsLogger

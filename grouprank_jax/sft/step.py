@@ -11,15 +11,13 @@ from flax import nnx
 from grouprank_jax.models.token_logprobs import lm_head_matrix, token_logprobs
 
 
-def loss_rows_bucket(loss_mask, smallest: int = 16) -> int:
-    """Host-side: a power-of-two bound on loss tokens per row (a static shape for the step)."""
+def loss_rows_bucket(loss_mask, multiple: int = 16) -> int:
+    """Host-side: a bound on loss tokens per row, rounded up to ``multiple`` (a static shape for
+    the step; targets of one task have similar lengths, so few shapes compile)."""
     import numpy as np
 
     longest = int(np.asarray(loss_mask).reshape(-1, loss_mask.shape[-1]).sum(-1).max())
-    size = smallest
-    while size < longest:
-        size *= 2
-    return min(size, loss_mask.shape[-1])
+    return min(-(-max(longest, 1) // multiple) * multiple, loss_mask.shape[-1])
 
 
 def sft_loss_sums(trainable, frozen, graphdef, batch, chunk_size: int, loss_tokens_per_row: int | None = None):

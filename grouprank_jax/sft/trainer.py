@@ -76,6 +76,9 @@ def train_sft(
 ) -> SFTResult:
     """Run (or resume) SFT in ``cfg.run_dir``.
 
+    A ``model`` passed in is consumed: its parameter buffers are donated to the jitted step
+    (no second copy of the weights); copy it first if you still need it.
+
     ``records``: canonical records (default: load ``cfg.data.sft_train``). ``max_steps`` caps
     the schedule length; ``stop_after`` ends the process-side loop early at that step, after
     the checkpoint, as a preemption would (used by the resume test).
