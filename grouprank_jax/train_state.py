@@ -10,7 +10,6 @@ weights double as the GRPO reference policy (adapters switched off).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from grouprank_jax.models.build import state_shardings
 from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, logical_to_spec
@@ -151,20 +150,6 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh | None, batch_axis: int
         else:
             out[key] = jax.device_put(value, sharding)
     return out
-
-
-def replicated(mesh: Mesh | None):
-    return None if mesh is None else NamedSharding(mesh, P())
-
-
-def save_run_metadata(run_dir: Path, model_cfg, extra: dict | None = None) -> None:
-    if jax.process_index() != 0:
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data = {"model": dataclasses.asdict(model_cfg), **(extra or {})}
-    (run_dir / "model_config.json").write_text(json.dumps(data["model"], indent=2) + "\n")
-    if extra:
-        (run_dir / "run_meta.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
 
 
 def load_trained_model(run_dir: str | Path, step: int | None = None, mesh: Mesh | None = None):

@@ -47,7 +47,6 @@ def _data_dir(args) -> Path:
 
 def run_bench(args) -> list[dict]:
     import jax
-    import jax.numpy as jnp
 
     from grouprank_jax.commands.convert import load_any_checkpoint
     from grouprank_jax.config import model_preset

@@ -63,7 +63,6 @@ def _peak_memory(compiled) -> tuple[float, str]:
 
 def run_bench(args) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from grouprank_jax.config import MeshConfig, model_preset
     from grouprank_jax.models import create_model
