@@ -43,7 +43,7 @@ import math
 import re
 import types
 
-from grouprank_jax.config import MeshConfig, ModelConfig
+from grouprank_jax.config import ModelConfig
 from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, MESH_AXES, logical_to_spec, resolve_mesh_shape
 
 GIB = 1024**3

@@ -88,6 +88,17 @@ def rebuild_with_config(model, cfg: ModelConfig, mesh: Mesh | None, seed: int):
     return new
 
 
+def load_stage_records(records, files, purpose: str, key: str):
+    """The records a stage trains on: ``records`` when given, else the validated ``files``."""
+    if records is not None:
+        return list(records)
+    from grouprank_jax.data.records import iter_records
+
+    if not files:
+        raise ValueError(f"no {purpose.upper()} data: set data.{key} to JSONL/Parquet files")
+    return list(iter_records(list(files), purpose=purpose))
+
+
 @dataclasses.dataclass
 class RunDir:
     """Layout of a training run directory."""

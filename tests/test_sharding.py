@@ -10,7 +10,6 @@ from grouprank_jax.config import MeshConfig
 from grouprank_jax.parallel import logical_to_spec, make_mesh
 from grouprank_jax.weights import load_hf
 
-pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
 
 MESHES = {
     "fsdp2_tensor4": MeshConfig(data=1, fsdp=2, tensor=4),

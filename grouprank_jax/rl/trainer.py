@@ -25,7 +25,7 @@ from grouprank_jax.rl.rollout import build_prompts, sample_group, score_rollouts
 from grouprank_jax.rl.step import make_grpo_update, make_logprob_fn
 from grouprank_jax.run_config import RunConfig
 from grouprank_jax.train_state import apply_restored, init_train_state, make_optimizer, restore_target, shard_batch
-from grouprank_jax.training import RunDir, load_initial_model, rebuild_with_config, save_base_weights
+from grouprank_jax.training import RunDir, load_initial_model, load_stage_records, rebuild_with_config, save_base_weights
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,7 @@ def train_grpo(
     G = grpo.rollouts_per_prompt
     tokenizer = tokenizer or load_tokenizer()
     preset = prompt_preset or cfg.sft.prompt_preset
-    if records is None:
-        from grouprank_jax.data.records import iter_records
-
-        if not cfg.data.rl_train:
-            raise ValueError("no RL data: set data.rl_train to JSONL/Parquet files of GroupRank records")
-        records = list(iter_records(list(cfg.data.rl_train), purpose="rl"))
+    records = load_stage_records(records, cfg.data.rl_train, "rl", "rl_train")
     if model is None:
         model = load_initial_model(cfg.init_from, cfg.model, mesh, seed=cfg.seed)
     lora = grpo.lora_enabled

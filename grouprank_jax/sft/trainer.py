@@ -22,7 +22,7 @@ from grouprank_jax.train_state import (
     restore_target,
     shard_batch,
 )
-from grouprank_jax.training import RunDir, load_initial_model, rebuild_with_config, save_base_weights
+from grouprank_jax.training import RunDir, load_initial_model, load_stage_records, rebuild_with_config, save_base_weights
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +93,7 @@ def train_sft(
     sft = cfg.sft
     run_dir = RunDir(Path(cfg.run_dir))
     tokenizer = tokenizer or load_tokenizer()
-    if records is None:
-        from grouprank_jax.data.records import iter_records
-
-        if not cfg.data.sft_train:
-            raise ValueError("no SFT data: set data.sft_train to JSONL/Parquet files")
-        records = list(iter_records(list(cfg.data.sft_train), purpose="sft"))
+    records = load_stage_records(records, cfg.data.sft_train, "sft", "sft_train")
     if model is None:
         model = load_initial_model(cfg.init_from, cfg.model, mesh, seed=cfg.seed)
     lora = sft.lora_rank > 0
