@@ -70,7 +70,7 @@ class TrainState:
     frozen: nnx.State
     opt_state: Any
     step: int
-    rng: jax.Array  # raw uint32 key data (Orbax stores key data, not typed keys)
+    rng: np.ndarray  # raw uint32 key data (Orbax stores key data, not typed keys)
     lora: bool
 
     @property
@@ -96,9 +96,28 @@ def init_train_state(model, tx: optax.GradientTransformation, lora: bool, seed: 
     if not jax.tree.leaves(trainable):
         raise ValueError("no trainable parameters: LoRA requested but the model has lora_rank=0")
     # jit keeps each moment on its parameter's sharding (GSPMD propagation of zeros_like).
-    opt_state = jax.jit(tx.init)(trainable)
-    rng = jax.random.key_data(jax.random.key(seed))
+    opt_state = _replicate_unsharded(jax.jit(tx.init)(trainable), trainable)
+    # Host numpy, identical on every process: a process-local jax.Array would not save multi-process.
+    rng = np.asarray(jax.random.key_data(jax.random.key(seed)))
     return TrainState(graphdef, trainable, frozen, opt_state, 0, rng, lora)
+
+
+def _replicate_unsharded(opt_state, trainable):
+    """Leaves that depend on no parameter (Adam's step ``count``) come out of ``jit`` on one
+    device; put them on the parameters' mesh, replicated, so that they checkpoint and restore as
+    global arrays on every process (a restored single-device scalar would clash with the mesh)."""
+    meshes = {leaf.sharding.mesh for leaf in jax.tree.leaves(trainable)
+              if isinstance(getattr(leaf, "sharding", None), NamedSharding)}
+    if len(meshes) != 1:
+        return opt_state
+    replicated = NamedSharding(meshes.pop(), jax.sharding.PartitionSpec())
+
+    def place(x):
+        if isinstance(x, jax.Array) and not isinstance(x.sharding, NamedSharding):
+            return jax.device_put(np.asarray(x), replicated)
+        return x
+
+    return jax.tree.map(place, opt_state)
 
 
 def restore_target(state: TrainState) -> dict:
@@ -120,7 +139,7 @@ def apply_restored(state: TrainState, tree: dict) -> TrainState:
         trainable=trainable,
         opt_state=tree["opt_state"],
         step=int(np.asarray(tree["step"])),
-        rng=tree["rng"],
+        rng=np.asarray(tree["rng"]),
     )
 
 

@@ -125,8 +125,12 @@ def save_base_weights(model, run_dir: RunDir) -> None:
 
     from grouprank_jax.weights.orbax_io import save_params
 
+    from grouprank_jax.parallel.distributed import agree_max
+
     run_dir.prepare()
-    if model.cfg.lora_rank and not (run_dir.base / "params").exists():
+    # Every process must take the same branch (the save is collective): ask process 0 only.
+    missing = int(jax.process_index() == 0 and not (run_dir.base / "params").exists())
+    if model.cfg.lora_rank and agree_max(missing):
         base = rebuild_with_config(model, model.cfg.replace(lora_rank=0), model.mesh, 0)
         save_params(base, run_dir.base)
     if jax.process_index() == 0:

@@ -8,6 +8,8 @@ x tokens, plus attention 12 x layers x heads x head_dim x T^2 per sequence halve
 masking; with ``--lora`` weight gradients of the base are skipped, so 4 x instead of 6 x.
 Peak memory: the device's ``peak_bytes_in_use`` where the backend reports it (GPU/TPU), else
 the compiled step's ``memory_analysis()`` (arguments + outputs + temporaries).
+Multi-process (``launch/local_multiprocess.sh``, a pod): ``--batch`` is the global batch, each
+process feeds its share; tokens/s is global, ``tokens_per_s_per_device`` per chip.
 ``run_bench(args)`` is the entry point for ``grouprank bench train``.
 """
 
@@ -53,7 +55,7 @@ def model_flops_per_step(cfg, batch: int, seq: int, lora: bool) -> float:
 def _peak_memory(compiled) -> tuple[float, str]:
     import jax
 
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return float(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
     ma = compiled.memory_analysis()
@@ -83,12 +85,16 @@ def run_bench(args) -> dict:
     step = make_sft_step(state.graphdef, tx, args.loss_chunk)
     rng = np.random.default_rng(0)
     b, t = args.batch, args.seq_len
+    processes = jax.process_count()
+    if b % processes:
+        raise ValueError(f"--batch {b} does not split over {processes} processes")
+    local = b // processes  # each process feeds its own rows of the global batch
     host = {
-        "input_ids": rng.integers(0, cfg.vocab_size, (1, b, t)).astype(np.int32),
-        "targets": rng.integers(0, cfg.vocab_size, (1, b, t)).astype(np.int32),
-        "loss_mask": np.ones((1, b, t), np.int32),
-        "segment_ids": np.ones((1, b, t), np.int32),
-        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (1, b, t)).copy(),
+        "input_ids": rng.integers(0, cfg.vocab_size, (1, local, t)).astype(np.int32),
+        "targets": rng.integers(0, cfg.vocab_size, (1, local, t)).astype(np.int32),
+        "loss_mask": np.ones((1, local, t), np.int32),
+        "segment_ids": np.ones((1, local, t), np.int32),
+        "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (1, local, t)).copy(),
     }
     batch = shard_batch(host, mesh, batch_axis=1)
     trainable, opt_state = state.trainable, state.opt_state
@@ -111,9 +117,10 @@ def run_bench(args) -> dict:
     mem, mem_source = _peak_memory(compiled)
     row = {
         "preset": args.preset, "params": cfg.num_params, "batch": b, "seq_len": t, "dtype": args.dtype,
-        "lora_rank": args.lora, "remat": args.remat, "devices": jax.device_count(),
+        "lora_rank": args.lora, "remat": args.remat, "processes": processes, "devices": jax.device_count(),
         "device": str(jax.devices()[0].device_kind), "compile_s": compile_s, "step_s": step_s,
-        "tokens_per_s": b * t / step_s, "tflops_per_s_per_device": flops / step_s / 1e12 / jax.device_count(),
+        "tokens_per_s": b * t / step_s, "tokens_per_s_per_device": b * t / step_s / jax.device_count(),
+        "tflops_per_s_per_device": flops / step_s / 1e12 / jax.device_count(),
         "peak_memory_gib": mem / 2**30, "memory_source": mem_source, "loss": float(metrics["loss"]),
     }
     if peak:
@@ -142,18 +149,23 @@ def loss_memory(vocab: int = 151936, hidden: int = 896, tokens: int = 8192, chun
 
 
 def main(argv: list[str] | None = None) -> int:
+    import jax
+
     args = build_parser().parse_args(argv)
+    primary = jax.process_index() == 0
     if args.loss_memory:
         result = loss_memory()
         print(f"| tokens | vocab | blockwise loss+grad temp | naive |\n|---|---|---|---|\n"
               f"| {result['tokens']} | {result['vocab']} | {result['blockwise_gib']:.2f} GiB | {result['naive_gib']:.2f} GiB |")
     else:
         result = run_bench(args)
-        keys = ["preset", "batch", "seq_len", "dtype", "lora_rank", "step_s", "tokens_per_s", "tflops_per_s_per_device",
-                "mfu", "peak_memory_gib", "compile_s"]
-        print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-        print("| " + " | ".join(f"{result[k]:.4g}" if isinstance(result.get(k), float) else str(result.get(k, "-")) for k in keys) + " |")
-    if args.out:
+        keys = ["preset", "batch", "seq_len", "dtype", "lora_rank", "processes", "devices", "step_s", "tokens_per_s",
+                "tokens_per_s_per_device", "tflops_per_s_per_device", "mfu", "peak_memory_gib", "compile_s"]
+        if primary:
+            print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+            print("| " + " | ".join(f"{result[k]:.4g}" if isinstance(result.get(k), float) else str(result.get(k, "-"))
+                                    for k in keys) + " |")
+    if args.out and primary:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)
     return 0

@@ -150,6 +150,21 @@ def test_shards_are_disjoint_equal_and_covering():
     assert len(set(flat)) == 9 and set(flat) <= {f"q{i}" for i in range(10)}
 
 
+def test_rl_global_batch_is_independent_of_process_count():
+    """Concatenating the processes' slices in process order gives the 1-process batch."""
+    records = records_from_rows([{**GROUP, "query": f"q{i}"} for i in range(24)], purpose="rl")
+
+    def batches(count, per_process):
+        iters = [iter(rl_dataset(records, per_process, seed=5, shard_index=i, shard_count=count,
+                                 num_epochs=1, read_options=SYNC)) for i in range(count)]
+        return [[r["query"] for it in iters for r in next(it)] for _ in range(24 // (per_process * count))]
+
+    single = batches(1, 4)
+    assert batches(2, 2) == single
+    assert batches(4, 1) == single
+    assert sorted(q for b in single for q in b) == sorted(f"q{i}" for i in range(24))
+
+
 def test_bucket_padding_shapes_and_loss_alignment():
     records = _chat_records(6, prompt_len=lambda i: 4 + 5 * i, output_len=lambda i: 3)
     ds = sft_dataset(records, _char_tokenize, seq_len=40, batch_size=2, seed=0, shard_index=0,

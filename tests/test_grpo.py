@@ -123,3 +123,17 @@ def test_lora_reference_is_base_model():
     # adapters off == a plain model holding the same base weights
     plain = rebuild_with_config(adapted, cfg, None, 0)
     np.testing.assert_allclose(without, plain(ids), atol=1e-6)
+
+
+def test_mini_batches_are_strided_over_prompts():
+    from grouprank_jax.rl.trainer import mini_batch_rows
+
+    minis = mini_batch_rows(num_prompts=8, rollouts=2, num_minis=2)
+    assert [m.tolist() for m in minis] == [[0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15]]
+    assert sorted(np.concatenate(minis).tolist()) == list(range(16))  # every rollout once
+    # With the prompts held contiguously by 2 (or 4) processes, each mini-batch takes the same
+    # number of prompts from every process.
+    for processes in (2, 4):
+        owner = np.repeat(np.arange(processes), 16 // processes)
+        for m in minis:
+            assert len(set(np.bincount(owner[m], minlength=processes).tolist())) == 1

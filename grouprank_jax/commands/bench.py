@@ -1,7 +1,9 @@
 """``grouprank bench sampling|train|rerank [args...]``: the benchmark scripts in ``launch/``.
 
 Each prints a table and writes JSON; the arguments are those of the script
-(``python launch/bench_<name>.py --help``).
+(``python launch/bench_<name>.py --help``). ``sampling`` and ``train`` also run as several
+processes (e.g. ``launch/local_multiprocess.sh 2 4 grouprank bench train --preset tiny``): the
+batch is split over processes, process 0 prints global and per-chip throughput.
 """
 
 from __future__ import annotations
@@ -32,4 +34,7 @@ def _load(name: str):
 
 
 def run(args) -> int:
+    from grouprank_jax.parallel.distributed import initialize_distributed
+
+    initialize_distributed()  # a no-op unless launched as several processes (launch/*.sh, SLURM, TPU pod)
     return int(_load(args.which).main(list(args.script_args)) or 0)

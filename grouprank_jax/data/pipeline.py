@@ -353,10 +353,25 @@ def rl_dataset(records: Sequence[Mapping[str, Any]], batch_size: int, seed: int,
                read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
     """Per-process batches of ``batch_size`` canonical grouprank records (lists of dicts).
 
-    RL tokenizes prompts itself, so records pass through untouched; incomplete final batches
+    Unlike SFT (records interleaved over processes), RL slices each *global* batch: step i of
+    process p holds rows ``[p * batch_size, (p + 1) * batch_size)`` of the global batch
+    ``shuffled[i * B : (i + 1) * B]`` with ``B = batch_size * shard_count``. The global batch
+    (the concatenation over processes in process order) is therefore the same rows in the same
+    order whatever the process count, which is what makes a 2-process GRPO run reproduce a
+    1-process run of the same global batch (rollout seeds are tied to global row indices).
+    RL tokenizes prompts itself, so records pass through untouched; incomplete global batches
     are dropped so every process runs the same number of steps.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    ds = _sharded_order(records, seed, num_epochs, shard_index, shard_count).map(_checked_rl)
-    return ds.batch(batch_size, drop_remainder=True, batch_fn=list).to_iter_dataset(read_options)
+    if len(records) == 0:
+        raise DataError("no records to iterate over")
+    index, count = _resolve_shard(shard_index, shard_count)
+    ds = grain.MapDataset.source(records).shuffle(seed=seed).repeat(num_epochs).map(_checked_rl)
+    chunks = ds.batch(batch_size, drop_remainder=True, batch_fn=list)  # chunk c = global rows [c*b, (c+1)*b)
+    if num_epochs is not None:
+        usable = len(chunks) // count * count
+        if usable == 0:
+            raise DataError(f"{len(ds)} records cannot fill one global batch of {batch_size} x {count} processes")
+        chunks = chunks[:usable]
+    return chunks[index::count].to_iter_dataset(read_options)

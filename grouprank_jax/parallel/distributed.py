@@ -157,3 +157,44 @@ def sync_global_devices(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def agree_max(value: int) -> int:
+    """The largest ``value`` over processes: shape choices (bucket lengths) that every process
+    must make alike before a collective computation."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray(int(value), np.int32))))
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """Concatenate each process's rows (same shape on every process) in process order."""
+    local = np.asarray(local)
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's contiguous block of rows of a global array sharded on axis 0 (the rows
+    it passed to ``make_array_from_process_local_data``), as numpy; the whole array when it is
+    fully addressable."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    blocks: dict[int, np.ndarray] = {}
+    for shard in array.addressable_shards:
+        rows = shard.index[0] if shard.index else slice(None)
+        start = rows.start or 0
+        if start not in blocks:
+            blocks[start] = np.asarray(shard.data)
+    starts = sorted(blocks)
+    out = np.concatenate([blocks[s] for s in starts], axis=0)
+    ends = [s + len(blocks[s]) for s in starts]
+    if any(e != s for e, s in zip(ends[:-1], starts[1:])):
+        raise ValueError(f"this process's rows of the {array.shape} array are not contiguous (shards start at "
+                         f"{starts}); order the mesh so each process's devices hold one block of the batch axis")
+    return out

@@ -4,6 +4,13 @@ shared-weight sampler -> parse -> jitted reward -> group advantages -> policy up
 Trainer and sampler read the same parameter arrays (collocated on one mesh). With LoRA the
 reference policy is the same weights with the adapters off; with full fine-tuning it is a
 frozen copy of the initial weights (only kept when ``kl_coef > 0``).
+
+Multi-process: each process loads its slice of every global batch (``rl_dataset``), samples,
+parses and rewards its own prompts' rollouts (a prompt's G rollouts never leave its process, so
+group advantages are local), and the update runs on global arrays over the whole mesh. Shapes
+(prompt and completion buckets) are agreed across processes; every random choice is keyed by
+the global row, so the run does not depend on the process count. Metrics are computed from the
+gathered per-rollout values; only process 0 writes them.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grouprank_jax.parallel.distributed import agree_max, gather_rows
 from grouprank_jax.rl.advantages import group_advantages
 from grouprank_jax.rl.losses import loss_kwargs
 from grouprank_jax.rl.rollout import build_prompts, sample_group, score_rollouts
@@ -48,11 +56,12 @@ def _bucket(n: int, smallest: int, largest: int) -> int:
 
 
 def _assemble_rows(tokenizer, prompts: Sequence[str], out, G: int, pad_id: int, prompt_buckets: Sequence[int], max_new: int):
-    """Left-padded prompts + right-padded completions as one [R, P + C] row per rollout."""
+    """Left-padded prompts + right-padded completions as one [R, P + C] row per rollout
+    (P and C agreed across processes: the update is one computation over all of them)."""
     encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    longest = max(len(e) for e in encoded)
+    longest = agree_max(max(len(e) for e in encoded))
     P = next((b for b in sorted(prompt_buckets) if b >= longest), longest)
-    C = _bucket(int(out.lengths.max()), 16, max_new)
+    C = _bucket(agree_max(int(out.lengths.max())), 16, max_new)
     R = len(prompts) * G
     seq_ids = np.full((R, P + C), pad_id, np.int32)
     seq_mask = np.zeros((R, P + C), np.int32)
@@ -89,6 +98,11 @@ def train_grpo(
 
     grpo, run_dir = cfg.grpo, RunDir(Path(cfg.run_dir))
     G = grpo.rollouts_per_prompt
+    if jax.process_count() > 1 and mesh is None:
+        raise ValueError("multi-process GRPO needs the global mesh (mesh=...)")
+    if grpo.global_batch_prompts % jax.process_count():
+        raise ValueError(f"grpo.global_batch_prompts={grpo.global_batch_prompts} does not split over "
+                         f"{jax.process_count()} processes")
     tokenizer = tokenizer or load_tokenizer()
     preset = prompt_preset or cfg.sft.prompt_preset
     records = load_stage_records(records, cfg.data.rl_train, "rl", "rl_train")
@@ -132,15 +146,19 @@ def train_grpo(
             while state.step < total_steps:
                 t0 = time.perf_counter()
                 batch_records = next(data_iter)
-                rng = random.Random(cfg.seed * 1_000_003 + state.step)
-                groups = [sample_group(r, grpo.group_size_range(state.step), rng) for r in batch_records]
+                first_row = jax.process_index() * prompts_per_process  # global index of this process's first prompt
+                # One stream per (step, global prompt): the group drawn for a prompt does not
+                # depend on which process holds it.
+                groups = [sample_group(r, grpo.group_size_range(state.step),
+                                       random.Random(f"{cfg.seed}:{state.step}:{first_row + i}"))
+                          for i, r in enumerate(batch_records)]
                 prompts = build_prompts(tokenizer, groups, preset, cfg.sft.max_doc_chars, grpo.max_prompt_len)
                 sampler.model = state.model  # the freshly updated arrays, no copy
                 out = sampler.generate(prompts, SamplingParams(
                     temperature=grpo.temperature, n=G, seed=cfg.seed * 7919 + state.step,
                     max_new_tokens=grpo.max_response_len, stop=(STOP_STRING,)))
                 t_sample = time.perf_counter() - t0
-                scored = score_rollouts(out.texts, groups, G, cfg.reward)
+                scored = score_rollouts(out.texts, groups, G, cfg.reward, pad_to=grpo.group_size_max)
                 advantages = np.asarray(group_advantages(
                     jnp.asarray(scored["reward"]), grpo.advantage, group_size=G, eps=grpo.adv_eps, ddof=grpo.adv_std_ddof))
                 P, rows = _assemble_rows(tokenizer, prompts, out, G, sampler.pad_id, sampler.buckets, grpo.max_response_len)
@@ -159,7 +177,7 @@ def train_grpo(
                 state = dataclasses.replace(state, step=state.step + 1)
                 dt = time.perf_counter() - t0
                 train_tokens = float(rows["seq_mask"].sum()) * updates_per_step
-                metrics = _step_metrics(scored, out, step_metrics, dt, t_sample, train_tokens)
+                metrics = _step_metrics(scored, out, step_metrics, dt, t_sample, agree_sum(train_tokens))
                 logger.log(state.step, metrics)
                 history.append({"step": state.step, **metrics})
                 bar.update(1)
@@ -177,15 +195,38 @@ def train_grpo(
     return GRPOResult(model=state.model, step=state.step, metrics=history, run_dir=run_dir.root)
 
 
+def mini_batch_rows(num_prompts: int, rollouts: int, num_minis: int) -> list[np.ndarray]:
+    """Row indices of each mini-batch: mini-batch j holds global prompts j, j + M, j + 2M, ...
+    (all G rollouts of each). Strided rather than contiguous so that every process, which holds a
+    contiguous block of prompts, contributes equally to every mini-batch, and the composition
+    does not depend on the process count."""
+    return [np.concatenate([np.arange(i * rollouts, (i + 1) * rollouts) for i in range(j, num_prompts, num_minis)])
+            for j in range(num_minis)]
+
+
+def _rows_like(array, idx: np.ndarray):
+    """``array[idx]`` kept on ``array``'s batch sharding when the rows divide it (a global gather
+    on multi-process runs; every process runs it alike)."""
+    rows = array[idx]
+    try:
+        array.sharding.shard_shape(rows.shape)
+    except ValueError:
+        return rows  # rows do not divide the batch axes: let the update's jit place them
+    return jax.device_put(rows, array.sharding)
+
+
 def _run_updates(update_fn, state, rows: dict, grpo, G: int) -> dict:
     """num_updates_per_batch passes over the rollout batch in prompt-aligned mini-batches."""
     total_rows = rows["seq_ids"].shape[0]
-    mini_rows = min(total_rows, grpo.mini_batch_prompts * G)
+    num_minis = max(1, total_rows // (grpo.mini_batch_prompts * G))
+    if num_minis == 1:
+        minis = [rows]
+    else:
+        minis = [{k: _rows_like(v, idx) for k, v in rows.items()} for idx in mini_batch_rows(total_rows // G, G, num_minis)]
     collected: list[dict] = []
     trainable, opt_state = state.trainable, state.opt_state
     for _ in range(grpo.num_updates_per_batch):
-        for start in range(0, total_rows, mini_rows):
-            mb = {k: v[start:start + mini_rows] for k, v in rows.items()}
+        for mb in minis:
             trainable, opt_state, metrics = update_fn(trainable, state.frozen, opt_state, mb)
             collected.append(jax.device_get(metrics))
     first = collected[0]
@@ -196,17 +237,28 @@ def _run_updates(update_fn, state, rows: dict, grpo, G: int) -> dict:
     return out
 
 
+def agree_sum(value: float) -> float:
+    return float(gather_rows(np.asarray([value], np.float32)).sum())
+
+
 def _step_metrics(scored: dict, out, update: dict, step_time: float, sample_time: float, train_tokens: float) -> dict:
-    reward = scored["reward"]
+    """Step metrics over every process's rollouts (per-rollout values are gathered first, so a
+    std is the global std, not a mean of per-process stds)."""
+    keys = ("reward", "ndcg", "recall", "alignment")
+    gathered = {k: gather_rows(np.asarray(scored[k], np.float32)) for k in keys}
+    valid = gather_rows((np.asarray(scored["format_status"]) == 0).astype(np.float32))
+    lengths = gather_rows(np.asarray(out.lengths, np.float32))
+    sample_time = float(gather_rows(np.asarray([sample_time], np.float32)).max())  # the slowest process
+    reward = gathered["reward"]
     metrics = {
         "grpo/reward_mean": float(reward.mean()),
         "grpo/reward_std": float(reward.std()),
-        "grpo/format_valid_rate": float((scored["format_status"] == 0).mean()),
-        "grpo/rollout_ndcg@10": float(scored["ndcg"].mean()),
-        "grpo/rollout_recall@10": float(scored["recall"].mean()),
-        "grpo/alignment": float(scored["alignment"].mean()),
-        "grpo/response_len_mean": float(out.lengths.mean()),
-        "grpo/sampling_tokens_per_s": float(out.lengths.sum()) / max(sample_time, 1e-9),
+        "grpo/format_valid_rate": float(valid.mean()),
+        "grpo/rollout_ndcg@10": float(gathered["ndcg"].mean()),
+        "grpo/rollout_recall@10": float(gathered["recall"].mean()),
+        "grpo/alignment": float(gathered["alignment"].mean()),
+        "grpo/response_len_mean": float(lengths.mean()),
+        "grpo/sampling_tokens_per_s": float(lengths.sum()) / max(sample_time, 1e-9),
         "grpo/training_tokens_per_s": train_tokens / max(step_time - sample_time, 1e-9),
         "grpo/step_time_s": step_time,
     }

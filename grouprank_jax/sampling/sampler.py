@@ -10,6 +10,13 @@ Flow of ``Sampler.generate``:
    feeds the last token, samples, records token / log-prob, and exits once every row is done;
 4. on the host: dummy rows are dropped, stop strings are applied by truncation, text is decoded.
 
+Multi-process (one process per host): every process calls ``generate`` with its own prompts
+(the same number on each); bucket shapes are agreed across processes, the global batch is the
+concatenation of the processes' rows in process order (``make_array_from_process_local_data``),
+and each process gets back the rollouts of its own prompts. A rollout's random key depends on
+its global row (prompt index over all processes, sample index) and the step, not on the mesh or
+the process count, so 2 processes x 4 devices sample what 1 process x 8 devices samples.
+
 Model parameters are passed to the jitted functions as an argument (``nnx.state(model)`` at each
 call), never closed over, so an optimizer step on the same model is picked up without recompiling.
 """
@@ -28,6 +35,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from grouprank_jax.models.kv_cache import CACHE_AXES, KVCache
+from grouprank_jax.parallel.distributed import agree_max, gather_rows, local_rows
 from grouprank_jax.parallel.mesh import named_sharding
 from grouprank_jax.sampling import ops
 from grouprank_jax.sampling.params import SamplingParams
@@ -105,6 +113,12 @@ class Sampler:
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
         self.pad_id = int(self.cfg.pad_token_id if pad_token_id is None else pad_token_id)
         self.batch_multiple = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if jax.process_count() > 1:
+            if self.mesh is None:
+                raise ValueError("a multi-process Sampler needs the global mesh (mesh=...)")
+            if self.batch_multiple % jax.process_count():
+                raise ValueError(f"the mesh's batch axes (data x fsdp = {self.batch_multiple}) must be a multiple of "
+                                 f"the {jax.process_count()} processes, so that each process holds its own rows")
         self._graphdef = nnx.graphdef(model)
         self._seen_shapes: set[tuple] = set()
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("n", "slots"))
@@ -140,13 +154,13 @@ class Sampler:
             index=cache.index,
         )
 
-    def _decode_fn(self, state, cache, logits0, prompt_lens, live, seed, temperature, top_p, stop_ids, stop_seqs,
-                   *, greedy: bool, top_k: int, use_top_p: bool, max_new: int):
-        """Sample ``max_new`` tokens at most for all rows; rows with ``live`` False start done."""
+    def _decode_fn(self, state, cache, logits0, prompt_lens, live, row_ids, seed, temperature, top_p, stop_ids,
+                   stop_seqs, *, greedy: bool, top_k: int, use_top_p: bool, max_new: int):
+        """Sample ``max_new`` tokens at most for all rows; rows with ``live`` False start done.
+        ``row_ids`` [rows] (global row numbers) pick each row's random stream."""
         model = nnx.merge(self._graphdef, state)
         rows = logits0.shape[0]
         base_key = jax.random.key(seed)
-        row_ids = jnp.arange(rows, dtype=jnp.int32)
 
         def record(step, logits, carry):
             tokens, logprobs, done, lengths, stopped, recent = carry
@@ -193,6 +207,9 @@ class Sampler:
 
         steps, cache, _, carry = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, last, carry))
         tokens, logprobs, _, lengths, stopped, _ = carry
+        # Rows stay on the batch axes so each process can read back its own rows.
+        tokens, logprobs = self._constrain(tokens, ("batch", None)), self._constrain(logprobs, ("batch", None))
+        lengths, stopped = self._constrain(lengths, ("batch",)), self._constrain(stopped, ("batch",))
         return tokens, logprobs, lengths, stopped, steps, cache
 
     # ---- host side ------------------------------------------------------------------------
@@ -215,8 +232,12 @@ class Sampler:
         return out
 
     def _put(self, x: np.ndarray, names):
+        """Host rows -> a global array (this process's rows, in process order, when multi-process)."""
         if self.mesh is None:
             return jnp.asarray(x)
+        if jax.process_count() > 1:
+            global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+            return jax.make_array_from_process_local_data(named_sharding(self.mesh, names, global_shape), x, global_shape)
         return jax.device_put(x, named_sharding(self.mesh, names, x.shape))
 
     def generate(self, prompts, params: SamplingParams = SamplingParams()) -> SamplerOutput:
@@ -225,10 +246,16 @@ class Sampler:
         encoded = self._encode(prompts)
         n, max_new = params.n, params.max_new_tokens or self.max_new_tokens
         num = len(encoded)
-        longest = max(len(p) for p in encoded)
+        processes, pid = jax.process_count(), jax.process_index()
+        if processes > 1:
+            counts = gather_rows(np.asarray([num], np.int32))
+            if len(set(counts.tolist())) != 1:
+                raise ValueError(f"every process must pass the same number of prompts; got {counts.tolist()}")
+        longest = agree_max(max(len(p) for p in encoded))  # one prompt bucket on every process
         t = next(b for b in self.buckets if b >= longest)
+        local_multiple = self.batch_multiple // processes  # rows this process holds per batch shard group
         b = _next_pow2(num)
-        b = -(-b // self.batch_multiple) * self.batch_multiple
+        b = -(-b // local_multiple) * local_multiple
 
         # [B, T] left-padded with id 0 (masked out; the pad id may lie outside the vocabulary);
         # dummy rows hold one visible token so no row is entirely masked.
@@ -241,6 +268,10 @@ class Sampler:
             mask[i, t - len(p):] = 1
             lens[i] = len(p)
         live = np.repeat(np.arange(b) < num, n)  # [B*n]
+        # Global prompt numbers: real prompts of all processes first (process order), then dummies,
+        # so a prompt's random streams do not depend on how many processes or dummy rows there are.
+        prompt_ids = np.concatenate([pid * num + np.arange(num), processes * num + pid * (b - num) + np.arange(b - num)])
+        row_ids = (prompt_ids[:, None] * n + np.arange(n)[None, :]).reshape(-1).astype(np.int32)  # [B*n]
 
         stop_ids = () if params.ignore_eos else (params.stop_token_ids if params.stop_token_ids is not None else self.stop_token_ids)
         if params.stop and self.tokenizer is None:
@@ -263,11 +294,12 @@ class Sampler:
         t1 = time.perf_counter()
         tokens, logprobs, lengths, stopped, steps, _ = self._decode(
             state, cache, logits0, self._put(np.repeat(lens, n), ("batch",)), self._put(live, ("batch",)),
-            jnp.uint32(params.seed), jnp.float32(max(params.temperature, 1e-6)), jnp.float32(params.top_p),
+            self._put(row_ids, ("batch",)), jnp.uint32(params.seed), jnp.float32(max(params.temperature, 1e-6)), jnp.float32(params.top_p),
             jnp.asarray(stop_ids, jnp.int32), jnp.asarray(stop_seqs),
             greedy=params.greedy, top_k=top_k, use_top_p=use_top_p, max_new=max_new,
         )
-        tokens, logprobs, lengths, stopped, steps = jax.device_get((tokens, logprobs, lengths, stopped, steps))
+        tokens, logprobs, lengths, stopped = (local_rows(x) for x in (tokens, logprobs, lengths, stopped))
+        steps = int(np.asarray(steps.addressable_data(0)))
         t2 = time.perf_counter()
 
         keep = num * n  # prompt-major rows of the real prompts come first; dummies are dropped

@@ -84,7 +84,8 @@ def train_sft(
     the checkpoint, as a preemption would (used by the resume test).
     """
     from grouprank_jax.checkpoint import Checkpointer
-    from grouprank_jax.data.pipeline import chat_tokenize_fn, sft_dataset
+    from grouprank_jax.data.pipeline import chat_tokenize_fn, pad_batch, sft_dataset
+    from grouprank_jax.parallel.distributed import agree_max
     from grouprank_jax.metrics_log import MetricsLogger
     from grouprank_jax.preemption import PreemptionGuard
     from grouprank_jax.sft.step import loss_rows_bucket, make_sft_step
@@ -141,8 +142,11 @@ def train_sft(
         with PreemptionGuard() as guard:
             while state.step < total_steps:
                 t0 = time.perf_counter()
-                host_batch = _stack_accum(next(data_iter), accum)
-                k = None if sft.packing else loss_rows_bucket(host_batch["loss_mask"])
+                host_batch = next(data_iter)
+                if jax.process_count() > 1:  # one T for the global batch: bucket lengths can differ per process
+                    host_batch = pad_batch(host_batch, agree_max(host_batch["input_ids"].shape[1]))
+                host_batch = _stack_accum(host_batch, accum)
+                k = None if sft.packing else agree_max(loss_rows_bucket(host_batch["loss_mask"]))
                 batch = shard_batch(host_batch, mesh, batch_axis=1)
                 trainable, opt_state, metrics = step_fn(state.trainable, state.frozen, state.opt_state, batch, k)
                 state = dataclasses.replace(state, trainable=trainable, opt_state=opt_state, step=state.step + 1)
