@@ -37,6 +37,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6  # Qwen2.5 HF configs
     tie_word_embeddings: bool = True  # True for Qwen2.5 0.5B-3B
     max_position_embeddings: int = 32768
+    # Std of the normal init of every kernel and the embedding (HF's ``initializer_range``). 0.02
+    # suits wide models; a 64-wide model from scratch wants ~1/sqrt(hidden) (see demo/run.py).
+    initializer_range: float = 0.02
     # Numerics: params may be stored in bf16; matmuls run in ``dtype``; softmax, norms,
     # RoPE and the final logits always run in float32.
     param_dtype: str = "float32"
@@ -103,6 +106,7 @@ class ModelConfig:
             "hidden_act": "silu",
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
+            "initializer_range": self.initializer_range,
             "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_dropout": 0.0,
@@ -140,6 +144,7 @@ class ModelConfig:
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
         )
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = hf.get(key)

@@ -1,10 +1,12 @@
 """The short demo (``grouprank demo --preset ci``): SFT -> GRPO -> rerank + eval -> HF export.
 
-Asserts what the short demo achieves robustly on 2 CPU cores: SFT learns the output format
-(the trained models' held-out groups parse, the random-init model's do not), every stage runs,
-the curves are written, and the exported model reloaded by transformers reproduces our logits.
-The GRPO reward trend and the NDCG comparison are printed, not asserted: a tiny model trained
-from scratch for minutes does not learn relevance (README, "Known limitations").
+Asserts what the short demo achieves on 2 CPU cores: SFT learns the output format (the trained
+models' held-out groups parse, the random-init model's do not) and the relevance judgement (the
+SFT and GRPO models' held-out NDCG@10 beats the random-init model's, which keeps the random
+first-stage order), every stage runs, the curves are written, and the exported model reloaded by
+transformers reproduces our logits. The GRPO reward trend is printed, not asserted: the SFT model
+starts GRPO near the reward ceiling, so first-vs-last step means differ by sampling noise
+(README, "Known limitations").
 """
 
 import dataclasses
@@ -21,9 +23,12 @@ def test_short_demo_learns_and_exports(tmp_path):
     print(format_summary(summary))
     failures = {k: int(v.split("/")[0]) / int(v.split("/")[1]) for k, v in summary["parse_failures"].items()}
     assert failures["random-init"] == 1.0
-    assert failures["sft"] <= 0.25, summary["parse_failures"]
+    assert failures["sft"] <= 0.1 and failures["grpo"] <= 0.1, summary["parse_failures"]
     s_first, s_last = summary["sft_loss_first_last"]
-    assert s_last < 0.1 * s_first
-    assert set(summary["ndcg@10"]) == {"first-stage (random order)", "random-init", "sft", "grpo"}
+    assert s_last < 0.01 * s_first
+    ndcg = summary["ndcg@10"]
+    assert ndcg["random-init"] == pytest.approx(ndcg["first-stage (random order)"])  # unparsable: order kept
+    assert ndcg["sft"] > ndcg["random-init"] + 0.2, ndcg  # measured 0.82 vs 0.32 (default preset)
+    assert ndcg["grpo"] > ndcg["random-init"] + 0.2, ndcg
     assert summary["export"]["max_abs_logit_diff"] < 1e-3
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 0

@@ -3,18 +3,24 @@
 A toy retrieval world a tiny model can learn on two CPU cores in a few hundred steps: each
 document is four single-token words led by a topic word; a query names one topic; a document
 is relevant (gold ``relevant_score``, 8) when its topic is the query's, else 0. The SFT target
-states its rule, then scores every document as JSON:
+judges every document in its reasoning, then scores them as JSON:
 
-    <reason> documents whose topic is the query score high </reason>
+    <reason> river no apple yes tiger no honey no </reason>
     <answer> ```json {"[1]": 0, "[2]": 8, ...} ``` </answer>
 
-Why this shape: relevance must be learnable by a 64-wide model in a few hundred CPU steps.
-Off-topic documents have distinct topics, so "this topic word already occurred earlier (in the
-query)" is exactly "relevant": a duplicate-token attention pattern, the easiest one to learn.
-A document block ("[k]. w1 w2 w3 w4" + blank line) and a JSON entry are both eight tokens, so
-the score of document k sits at one fixed offset from document k's topic word for every k:
-fixed-offset attention (easy with RoPE) carries the judgment over, no index lookup needed.
-Single-digit scores keep every JSON entry the same length.
+Why this shape (measured with a small-vocabulary probe of the same model, see the README):
+- Without the per-document judgement in the reasoning (e.g. a fixed sentence), relevance is
+  not learned: the score tokens stayed at chance (AUC 0.5) for 8,000 steps at init std 0.02
+  and reached AUC 0.70 in 800 steps at init std 0.1 (the demo's). The score of
+  document k would need two hops at once - find document k, and compare its topic with the
+  query - and neither hop pays off alone. Written out, each step is one hop: copy document k's
+  topic word (a fixed-offset lookup), judge it next to the copy ("is the token I just wrote
+  the query?"), and copy the judgement into the JSON (another fixed offset). With it the
+  yes/no tokens reach 97 % accuracy (AUC 0.99) in ~500 steps of batch 8.
+- Off-topic documents have distinct topics, so "this topic word already occurred in the query"
+  is exactly "relevant". A document block ("[k]. w1 w2 w3 w4" + blank line) and a JSON entry
+  are both eight tokens, so offsets stay fixed for every k; single-digit scores keep every
+  JSON entry the same length.
 
 The held-out evaluation uses new queries and documents; its first stage is an uninformative
 ranking (random order), so every NDCG gain comes from the reranker.
@@ -38,12 +44,12 @@ FILLERS = ("old", "new", "red", "blue", "small", "big", "quiet", "bright", "dark
 @dataclass(frozen=True)
 class DemoDataConfig:
     seed: int = 0
-    sft_records: int = 640
+    sft_records: int = 4000  # > steps x batch: every SFT example is new (no memorising)
     rl_records: int = 256
     eval_queries: int = 16
-    eval_candidates: int = 20  # documents per held-out query (one group of 20, or 4 of 5)
-    min_group: int = 5
-    max_group: int = 5
+    eval_candidates: int = 20  # documents per held-out query (5 groups of 4)
+    min_group: int = 4
+    max_group: int = 4
     relevant_score: int = 8
 
 
@@ -63,7 +69,8 @@ def _group(rng: random.Random, size: int, relevant_score: int) -> tuple[str, lis
 
 
 def reasoning(query: str, docs: list[str], gold: list[int]) -> str:
-    return "documents whose topic is the query score high"
+    """Each document's topic word and its judgement, in document order: "river no apple yes ..."."""
+    return " ".join(f"{doc.split()[0]} {'yes' if g > 0 else 'no'}" for doc, g in zip(docs, gold))
 
 
 def make_records(n: int, rng: random.Random, cfg: DemoDataConfig, with_reasoning: bool) -> list[dict]:

@@ -21,20 +21,18 @@ from grouprank_jax.models.attention import attend
 from grouprank_jax.models.kv_cache import KVCache
 from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, Rules, shard
 
-INIT_STD = 0.02  # HF's initializer_range for Qwen2
-
-
 def _dtype(name: str):
     return jnp.dtype(name)
 
 
-def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal"):
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal", std: float = 0.02):
+    """A parameter: zeros, ones, or normal(0, std) (``ModelConfig.initializer_range``)."""
     if init == "zeros":
         value = jnp.zeros(shape, dtype)
     elif init == "ones":
         value = jnp.ones(shape, dtype)
     else:
-        value = (INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     return nnx.Param(value, logical_axes=axes)
 
 
@@ -110,13 +108,13 @@ class Attention(nnx.Module):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pd = _dtype(cfg.param_dtype)
         self.cfg, self.layer_index, self.mesh, self.rules = cfg, layer_index, mesh, rules
-        self.q_kernel = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd)
+        self.q_kernel = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std=cfg.initializer_range)
         self.q_bias = _param(rngs, (n, h), ("heads", "head_dim"), pd, init="zeros")
-        self.k_kernel = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+        self.k_kernel = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std=cfg.initializer_range)
         self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), pd, init="zeros")
-        self.v_kernel = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_kernel = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std=cfg.initializer_range)
         self.v_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), pd, init="zeros")
-        self.o_kernel = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd)
+        self.o_kernel = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd, std=cfg.initializer_range)
         _add_lora(self, cfg, rngs, "q_proj", ("embed", "heads", "head_dim"), 1)
         _add_lora(self, cfg, rngs, "k_proj", ("embed", "kv_heads", "head_dim"), 1)
         _add_lora(self, cfg, rngs, "v_proj", ("embed", "kv_heads", "head_dim"), 1)
@@ -166,9 +164,9 @@ class MLP(nnx.Module):
         d, f = cfg.hidden_size, cfg.intermediate_size
         pd = _dtype(cfg.param_dtype)
         self.mesh, self.rules = mesh, rules
-        self.gate_kernel = _param(rngs, (d, f), ("embed", "mlp"), pd)
-        self.up_kernel = _param(rngs, (d, f), ("embed", "mlp"), pd)
-        self.down_kernel = _param(rngs, (f, d), ("mlp", "embed"), pd)
+        self.gate_kernel = _param(rngs, (d, f), ("embed", "mlp"), pd, std=cfg.initializer_range)
+        self.up_kernel = _param(rngs, (d, f), ("embed", "mlp"), pd, std=cfg.initializer_range)
+        self.down_kernel = _param(rngs, (f, d), ("mlp", "embed"), pd, std=cfg.initializer_range)
         _add_lora(self, cfg, rngs, "gate_proj", ("embed", "mlp"), 1)
         _add_lora(self, cfg, rngs, "up_proj", ("embed", "mlp"), 1)
         _add_lora(self, cfg, rngs, "down_proj", ("mlp", "embed"), 1)
@@ -224,11 +222,11 @@ class Qwen2ForCausalLM(nnx.Module):
         self.mesh = mesh
         self.rules = rules
         pd = _dtype(cfg.param_dtype)
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, std=cfg.initializer_range)
         self.layers = nnx.List([DecoderLayer(cfg, rngs, i, mesh, rules) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, std=cfg.initializer_range)
 
     # ---- pieces shared by training losses ------------------------------------------------
     def logits_from_hidden(self, hidden):

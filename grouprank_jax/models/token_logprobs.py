@@ -3,7 +3,8 @@
 The LM head is applied blockwise: a ``lax.scan`` over chunks of ``chunk_size`` tokens computes
 each chunk's fp32 logits, its log-sum-exp, the chosen token's log-prob and the entropy, and the
 chunk body is rematerialised, so the backward pass also holds one ``[chunk, vocab]`` block at a
-time. Peak memory is ``chunk * vocab * 4`` bytes instead of ``tokens * vocab * 4``.
+time. Peak memory is ``chunk * vocab * 4`` bytes instead of ``tokens * vocab * 4``. When all
+tokens fit in one chunk the block is computed once and kept (no remat, no scan).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def token_logprobs(head, hidden, targets, chunk_size: int = 1024, with_entropy: 
     flat_h = hidden.reshape(-1, d)
     flat_t = targets.reshape(-1).astype(jnp.int32)
     n = flat_t.shape[0]
+    if n <= chunk_size:
+        # One block: nothing to save by rematerialising it (the backward would hold the same
+        # [n, vocab] block), so skip the recompute: 3 instead of 4 LM-head matmuls per step.
+        logp, ent = _chunk_stats(head, flat_h, flat_t)
+        return logp.reshape(lead), (ent if with_entropy else jnp.zeros_like(ent)).reshape(lead)
     chunk = max(1, min(chunk_size, n))
     num_chunks = -(-n // chunk)
     pad = num_chunks * chunk - n
