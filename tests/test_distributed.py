@@ -3,17 +3,12 @@ same computation in one process: ``initialize_distributed`` from the GROUPRANK_*
 ``global_batch_from_local``, ``allreduce_metrics`` and a jitted computation sharded over both
 processes' devices."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 import time
 
 import numpy as np
 
-from conftest import REPO
+from multiprocess import run_workers
 
 WORKER = textwrap.dedent(
     """
@@ -55,41 +50,10 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(num_processes: int) -> list[dict]:
-    port = _free_port()
-    procs = []
-    for i in range(num_processes):
-        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-        env.update(GROUPRANK_COORDINATOR=f"127.0.0.1:{port}", GROUPRANK_NUM_PROCESSES=str(num_processes),
-                   GROUPRANK_PROCESS_ID=str(i))
-        if num_processes == 1:
-            env.update(GROUPRANK_NUM_PROCESSES="1", GROUPRANK_COORDINATOR="")
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(REPO), str(8 // num_processes)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=120)
-            assert p.returncode == 0, f"worker failed (rc={p.returncode}):\n{err[-3000:]}"
-            line = next(x for x in out.splitlines() if x.startswith("RESULT "))
-            results.append(json.loads(line[len("RESULT "):]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return results
-
-
 def test_two_processes_match_one():
     start = time.perf_counter()
-    multi = _run(2)
-    single = _run(1)[0]
+    multi = run_workers(WORKER, 2)
+    single = run_workers(WORKER, 1)[0]
     elapsed = time.perf_counter() - start
     assert [r["pid"] for r in multi] == [0, 1]
     assert [r["primary"] for r in multi] == [True, False]

@@ -8,17 +8,13 @@ random-weight model's rollouts all fail to parse, so the real reward would give 
 the same value and zero advantages (no update to compare). The real reward has its own tests.
 """
 
-import json
 import os
-import socket
-import subprocess
-import sys
 import textwrap
 import time
 
 import numpy as np
 
-from conftest import REPO
+from multiprocess import run_workers
 
 WORKER = textwrap.dedent(
     """
@@ -96,42 +92,11 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(num_processes: int, run_dir) -> list[dict]:
-    port = _free_port()
-    procs = []
-    for i in range(num_processes):
-        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-        env.update(GROUPRANK_COORDINATOR=f"127.0.0.1:{port}", GROUPRANK_NUM_PROCESSES=str(num_processes),
-                   GROUPRANK_PROCESS_ID=str(i))
-        if num_processes == 1:
-            env.update(GROUPRANK_NUM_PROCESSES="1", GROUPRANK_COORDINATOR="")
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(REPO), str(8 // num_processes), str(run_dir)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=600)
-            assert p.returncode == 0, f"worker failed (rc={p.returncode}):\n{err[-4000:]}"
-            line = next(x for x in out.splitlines() if x.startswith("RESULT "))
-            results.append(json.loads(line[len("RESULT "):]))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return results
-
-
 def test_two_processes_train_like_one(tmp_path):
     t0 = time.perf_counter()
-    multi = _run(2, tmp_path / "multi")
+    multi = run_workers(WORKER, 2, str(tmp_path / "multi"), timeout=600)
     t_multi = time.perf_counter() - t0
-    single = _run(1, tmp_path / "single")[0]
+    single = run_workers(WORKER, 1, str(tmp_path / "single"), timeout=600)[0]
     print(f"\n2 processes x 4 devices: {t_multi:.1f}s; 1 process x 8 devices: {time.perf_counter() - t0 - t_multi:.1f}s")
     assert [r["pid"] for r in multi] == [0, 1] and single["n"] == 1
     for r in multi + [single]:

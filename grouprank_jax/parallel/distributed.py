@@ -169,6 +169,11 @@ def agree_max(value: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.asarray(int(value), np.int32))))
 
 
+def global_sum(value: float) -> float:
+    """``value`` summed over processes."""
+    return float(gather_rows(np.asarray([value], np.float32)).sum())
+
+
 def gather_rows(local: np.ndarray) -> np.ndarray:
     """Concatenate each process's rows (same shape on every process) in process order."""
     local = np.asarray(local)

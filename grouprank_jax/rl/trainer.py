@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grouprank_jax.parallel.distributed import agree_max, gather_rows
+from grouprank_jax.parallel.distributed import agree_max, gather_rows, global_sum
 from grouprank_jax.rl.advantages import group_advantages
 from grouprank_jax.rl.losses import loss_kwargs
 from grouprank_jax.rl.rollout import build_prompts, sample_group, score_rollouts
@@ -177,7 +177,7 @@ def train_grpo(
                 state = dataclasses.replace(state, step=state.step + 1)
                 dt = time.perf_counter() - t0
                 train_tokens = float(rows["seq_mask"].sum()) * updates_per_step
-                metrics = _step_metrics(scored, out, step_metrics, dt, t_sample, agree_sum(train_tokens))
+                metrics = _step_metrics(scored, out, step_metrics, dt, t_sample, global_sum(train_tokens))
                 logger.log(state.step, metrics)
                 history.append({"step": state.step, **metrics})
                 bar.update(1)
@@ -235,10 +235,6 @@ def _run_updates(update_fn, state, rows: dict, grpo, G: int) -> dict:
     out["first_ratio_mean"] = float(first["ratio_mean"])
     out["_state"] = dataclasses.replace(state, trainable=trainable, opt_state=opt_state)
     return out
-
-
-def agree_sum(value: float) -> float:
-    return float(gather_rows(np.asarray([value], np.float32)).sum())
 
 
 def _step_metrics(scored: dict, out, update: dict, step_time: float, sample_time: float, train_tokens: float) -> dict:
