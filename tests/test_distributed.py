@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from multiprocess import run_workers
+from mp_workers import run_workers
 
 WORKER = textwrap.dedent(
     """
