@@ -2,10 +2,11 @@
 
     python launch/bench_sampling.py --preset tiny --batch 1,8,32 --compare hf --out bench.json
 
-Greedy with stops disabled (``ignore_eos``) so every row decodes exactly ``--new-tokens``.
+Greedy by default (``--temperature 0``), or sampled at ``--temperature`` (GRPO's rollouts use
+1.0); stops disabled (``ignore_eos``) so every row decodes exactly ``--new-tokens``.
 ``--compare hf`` exports the same weights with ``save_hf``, loads them into transformers'
-``Qwen2ForCausalLM`` and times ``generate(do_sample=False, min_new_tokens=max_new_tokens)`` on
-the same prompts. The bandwidth column is (weight bytes + KV bytes read per step) / step time /
+``Qwen2ForCausalLM`` and times ``generate(min_new_tokens=max_new_tokens)`` on the same prompts
+(``do_sample=True, temperature, top_k=0, top_p=1.0`` when sampling, the same distribution). The bandwidth column is (weight bytes + KV bytes read per step) / step time /
 the measured device copy bandwidth: how close decode is to the memory-bound roofline.
 Multi-process (``launch/local_multiprocess.sh``, a pod): ``--batch`` counts global prompts, each
 process generates its share on a mesh over all devices (``--mesh``, default data-parallel over
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--n", type=int, default=1, help="rollouts per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; GRPO samples at 1.0")
     p.add_argument("--dtype", default="float32", help="param and compute dtype (float32 | bfloat16)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs after the warm-up (best is kept)")
     p.add_argument("--compare", choices=["hf"], help="also time transformers' generate on the same weights")
@@ -58,14 +60,18 @@ def copy_bandwidth(megabytes: int = 256) -> float:
     return 2 * x.nbytes / best
 
 
-def _hf_generate(model_dir: Path, prompts: np.ndarray, new_tokens: int, n: int, repeats: int) -> float:
-    """Best wall seconds of HF greedy generate over [B, T] unpadded prompts (n copies each)."""
+def _hf_generate(model_dir: Path, prompts: np.ndarray, new_tokens: int, n: int, repeats: int,
+                 temperature: float = 0.0) -> float:
+    """Best wall seconds of HF generate (greedy, or sampled at ``temperature`` from the full
+    distribution) over [B, T] unpadded prompts (n copies each)."""
     import torch
     from transformers import Qwen2ForCausalLM
 
     hf = Qwen2ForCausalLM.from_pretrained(str(model_dir)).eval()
     ids = torch.as_tensor(np.repeat(prompts, n, axis=0), dtype=torch.long)
-    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
+    kwargs = dict(**sampling, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                   attention_mask=torch.ones_like(ids), pad_token_id=0)
     best = float("inf")
     with torch.no_grad():
@@ -99,7 +105,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     bandwidth = copy_bandwidth(256 if jax.default_backend() != "cpu" else 64)
     sampler = Sampler(model, mesh=mesh, max_prompt_len=args.prompt_len, max_new_tokens=args.new_tokens)
-    params = SamplingParams(temperature=0.0, n=args.n, ignore_eos=True)
+    params = SamplingParams(temperature=args.temperature, n=args.n, ignore_eos=True)
     hf_dir = None
     if args.compare == "hf":
         from grouprank_jax.weights import save_hf
@@ -130,7 +136,8 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         kv_bytes = 2 * cfg.num_layers * sampler_rows(best, args.n) * (best.prompt_bucket + args.new_tokens) \
             * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
         row = {
-            "preset": args.preset, "dtype": args.dtype, "batch": batch, "n": args.n, "prompt_len": args.prompt_len,
+            "preset": args.preset, "dtype": args.dtype, "batch": batch, "n": args.n, "temperature": args.temperature,
+            "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "backend": jax.default_backend(), "processes": processes,
             "devices": 1 if mesh is None else mesh.size,
             "prefill_tok_s": batch * args.prompt_len / prefill_s,
@@ -143,7 +150,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
             row["bandwidth_fraction"] = (weight_bytes + kv_bytes) / step_s / bandwidth
         assert generated == rows_decoded * args.new_tokens, (generated, rows_decoded * args.new_tokens)
         if hf_dir is not None:
-            hf_s = _hf_generate(hf_dir, prompts, args.new_tokens, args.n, args.repeats)
+            hf_s = _hf_generate(hf_dir, prompts, args.new_tokens, args.n, args.repeats, args.temperature)
             row["hf_e2e_tok_s"] = rows_decoded * args.new_tokens / hf_s
             row["ratio_vs_hf"] = row["e2e_tok_s"] / row["hf_e2e_tok_s"]
         rows.append(row)
@@ -164,7 +171,7 @@ def _print_table(rows: list[dict], bandwidth: float) -> None:
             "decode_step_ms", "bandwidth_fraction", "hf_e2e_tok_s", "ratio_vs_hf"]
     cols = [c for c in cols if any(c in r for r in rows)]
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s ({rows[0]['backend']}, {rows[0]['preset']}, {rows[0]['dtype']}, "
-          f"prompt {rows[0]['prompt_len']}, new {rows[0]['new_tokens']})")
+          f"prompt {rows[0]['prompt_len']}, new {rows[0]['new_tokens']}, temperature {rows[0]['temperature']})")
     print(" | ".join(f"{c:>18}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r[c]:>18.3f}" if isinstance(r.get(c), float) else f"{r.get(c, ''):>18}" for c in cols))

@@ -55,6 +55,23 @@ def test_filtered_sampling_frequencies(temperature, top_k, top_p):
     assert (np.abs(counts - DRAWS * want) <= bound).all(), f"counts {counts} vs expected {DRAWS * want}"
 
 
+def test_two_level_draw_large_vocab():
+    """The block path with padding (1000 = 7 blocks of 128 + 104) and excluded (-inf) entries: 40
+    allowed tokens spread over several blocks, including the padded last block."""
+    vocab = 1000
+    allowed = np.arange(3, vocab, 25)  # 40 tokens, the last (978) in the padded block
+    p = np.zeros(vocab)
+    p[allowed] = np.linspace(1.0, 3.0, allowed.size)
+    p /= p.sum()
+    logits = np.where(p > 0, np.log(np.maximum(p, 1e-30)), -np.inf).astype(np.float32)
+    keys = jax.random.split(jax.random.key(7), DRAWS)
+    tokens = np.asarray(jax.jit(ops.categorical)(keys, jnp.broadcast_to(jnp.asarray(logits), (DRAWS, vocab))))
+    counts = np.bincount(tokens, minlength=vocab)
+    assert counts[p == 0].sum() == 0, "an excluded token was drawn"
+    bound = 5 * np.sqrt(DRAWS * p * (1 - p)) + 1
+    assert (np.abs(counts - DRAWS * p) <= bound).all()
+
+
 def test_greedy_and_logprobs_and_stop_sequences():
     logits = jnp.asarray([LOGITS, LOGITS[::-1]], jnp.float32)  # [2, V]
     keys = jax.random.split(jax.random.key(0), 2)

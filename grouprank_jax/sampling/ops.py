@@ -43,13 +43,44 @@ def filtered_logits(logits, temperature, top_p, *, top_k: int, use_top_p: bool):
     return values, ids
 
 
+def categorical(keys, values, block: int = 128):
+    """One draw per row from ``softmax(values [B, C])`` (``-inf`` = excluded), ``keys [B]``.
+
+    Two-level inverse-CDF sampling: pick a block of ``block`` candidates with probability equal to
+    its mass, then a candidate inside it, each with one uniform. Exact up to fp32 rounding of the
+    cumulative sums, and it needs 2 random numbers per row where ``jax.random.categorical``'s
+    Gumbel-max needs C: at the 152k Qwen vocabulary that was ~200 ms of threefry per decode step
+    for 64 rows on two CPU cores (this: ~25 ms; the LM head itself: ~25 ms). The same idea as
+    FlashInfer's inverse-transform sampling kernels. Never picks a zero-probability entry:
+    rounding that would land past the last candidate is clamped to the last one with mass.
+    """
+    rows, width = values.shape
+    block = max(1, min(block, width))
+    pad = (-width) % block
+    probs = jnp.exp(values - jnp.max(values, axis=-1, keepdims=True))  # [B, C]; exp(-inf) = 0
+    if pad:
+        probs = jnp.pad(probs, ((0, 0), (0, pad)))
+    blocks = probs.reshape(rows, -1, block)  # [B, nb, block]
+    uniforms = jax.vmap(lambda key: jax.random.uniform(key, (2,)))(keys)  # [B, 2]
+
+    def first_above(weights, u):  # [B, n], [B] -> [B]: inverse CDF, clamped to the last index with mass
+        cdf = jnp.cumsum(weights, axis=-1)
+        idx = jnp.sum(cdf <= (u * cdf[:, -1])[:, None], axis=-1)
+        last = weights.shape[-1] - 1 - jnp.argmax((weights > 0)[:, ::-1], axis=-1)
+        return jnp.minimum(idx, last)
+
+    block_idx = first_above(blocks.sum(-1), uniforms[:, 0])  # [B]
+    chosen = jnp.take_along_axis(blocks, block_idx[:, None, None], axis=1)[:, 0]  # [B, block]
+    return block_idx * block + first_above(chosen, uniforms[:, 1])
+
+
 def sample_tokens(logits, keys, temperature, top_p, *, greedy: bool, top_k: int = 0, use_top_p: bool = False):
     """One token per row: ``logits [B, V]`` fp32, ``keys [B]`` typed PRNG keys -> ``[B]`` int32."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     values, ids = filtered_logits(logits, temperature, top_p, top_k=top_k, use_top_p=use_top_p)
     # Per-row keys (not one key for the batch) so a row's draw does not depend on the batch size.
-    choice = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, values)  # [B]
+    choice = categorical(keys, values)  # [B]
     if ids is None:
         return choice.astype(jnp.int32)
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
