@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
+_TB_TAG = re.compile(r"[^A-Za-z0-9_./-]")
 # Metric name prefixes that get their own rows in ``plot_run`` (training phases).
 GROUP_PREFIXES = ("sft/", "grpo/")
 
@@ -94,7 +96,9 @@ class MetricsLogger:
         self._file.flush()
         if self._tb is not None:
             for name, value in values.items():
-                self._tb.add_scalar(name, value, int(step))
+                # TensorBoard tags allow [A-Za-z0-9_./-]; tensorboardX would rename
+                # "rollout_ndcg@10" itself, with an INFO line per metric per step.
+                self._tb.add_scalar(_TB_TAG.sub("_", name), value, int(step))
 
     def close(self) -> None:
         if self._file is not None:
