@@ -6,7 +6,15 @@ is relevant (gold ``relevant_score``, 8) when its topic is the query's, else 0. 
 judges every document in its reasoning, then scores them as JSON:
 
     <reason> river no apple yes tiger no honey no </reason>
-    <answer> ```json {"[1]": 0, "[2]": 8, ...} ``` </answer>
+    <answer> ```json {"[1]": 0, "[2]": 6, ...} ``` </answer>
+
+Like the paper's pipeline (SFT scores from a pointwise teacher, RL rewarded against the fused
+gold), the SFT scores are a noisy teacher's: right judgement, but the gold score only with
+probability ``teacher_exact`` (0.3), else uniform over 1-9 (relevant) or 0-8 (not). The SFT
+model copies that noise, so at temperature 1.0 its rollouts often rank an off-topic document
+above an on-topic one: mean reward ~1.10 of a possible 1.30 (simulated with the teacher's score
+distribution: 1.14). GRPO against the clean gold has that calibration to learn; with exact
+teacher scores the SFT model started GRPO at the ceiling and 16 steps showed no trend.
 
 Why this shape (measured with a small-vocabulary probe of the same model, see the README):
 - Without the per-document judgement in the reasoning (e.g. a fixed sentence), relevance is
@@ -51,6 +59,13 @@ class DemoDataConfig:
     min_group: int = 4
     max_group: int = 4
     relevant_score: int = 8
+    # The SFT targets come from a noisy pointwise "teacher" (as in the paper, whose SFT scores are
+    # a pointwise teacher's and whose RL gold is the fused ranking): its judgement is right, but
+    # its score equals the gold only with probability ``teacher_exact``, else it is uniform in
+    # the range below. GRPO, rewarded against the clean gold, has this miscalibration to remove.
+    teacher_exact: float = 0.3
+    teacher_relevant_range: tuple[int, int] = (1, 9)
+    teacher_irrelevant_range: tuple[int, int] = (0, 8)
 
 
 def _document(rng: random.Random, topic: str) -> str:
@@ -73,14 +88,26 @@ def reasoning(query: str, docs: list[str], gold: list[int]) -> str:
     return " ".join(f"{doc.split()[0]} {'yes' if g > 0 else 'no'}" for doc, g in zip(docs, gold))
 
 
-def make_records(n: int, rng: random.Random, cfg: DemoDataConfig, with_reasoning: bool) -> list[dict]:
+def teacher_scores(rng: random.Random, gold: list[int], cfg: DemoDataConfig) -> list[int]:
+    """The noisy teacher's SFT scores: the gold with probability ``teacher_exact``, else uniform
+    in the relevant or irrelevant range."""
+    scores = []
+    for g in gold:
+        lo, hi = cfg.teacher_relevant_range if g > 0 else cfg.teacher_irrelevant_range
+        scores.append(g if rng.random() < cfg.teacher_exact else rng.randint(lo, hi))
+    return scores
+
+
+def make_records(n: int, rng: random.Random, cfg: DemoDataConfig, sft: bool) -> list[dict]:
+    """SFT records carry the teacher's scores and the reasoning; RL records the clean gold."""
     records = []
     for _ in range(n):
         query, docs, gold = _group(rng, rng.randint(cfg.min_group, cfg.max_group), cfg.relevant_score)
-        record = {"query": query, "documents": docs, "scores": gold}
-        if with_reasoning:
-            record["reasoning"] = reasoning(query, docs, gold)
-        records.append(record)
+        if sft:
+            records.append({"query": query, "documents": docs, "scores": teacher_scores(rng, gold, cfg),
+                            "reasoning": reasoning(query, docs, gold)})
+        else:
+            records.append({"query": query, "documents": docs, "gold": gold})
     return records
 
 
@@ -91,11 +118,9 @@ def write_demo_data(out_dir: str | Path, cfg: DemoDataConfig = DemoDataConfig())
     (out / "eval").mkdir(parents=True, exist_ok=True)
     rng = random.Random(cfg.seed)
     paths = {"sft_train": out / "sft_train.jsonl", "rl_train": out / "rl_train.jsonl"}
-    for name, n, reason in (("sft_train", cfg.sft_records, True), ("rl_train", cfg.rl_records, False)):
+    for name, n, sft in (("sft_train", cfg.sft_records, True), ("rl_train", cfg.rl_records, False)):
         with open(paths[name], "w") as fh:
-            for record in make_records(n, rng, cfg, reason):
-                if name == "rl_train":
-                    record["gold"] = record.pop("scores")
+            for record in make_records(n, rng, cfg, sft):
                 fh.write(json.dumps(record) + "\n")
 
     eval_rng = random.Random(cfg.seed + 1)
