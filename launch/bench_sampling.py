@@ -6,8 +6,9 @@ Greedy by default (``--temperature 0``), or sampled at ``--temperature`` (GRPO's
 1.0); stops disabled (``ignore_eos``) so every row decodes exactly ``--new-tokens``.
 ``--compare hf`` exports the same weights with ``save_hf``, loads them into transformers'
 ``Qwen2ForCausalLM`` and times ``generate(min_new_tokens=max_new_tokens)`` on the same prompts
-(``do_sample=True, temperature, top_k=0, top_p=1.0`` when sampling, the same distribution). The bandwidth column is (weight bytes + KV bytes read per step) / step time /
-the measured device copy bandwidth: how close decode is to the memory-bound roofline.
+(``do_sample=True, temperature, top_k=0, top_p=1.0`` when sampling: the same distribution).
+The bandwidth column is (weight bytes + KV bytes read per step) / step time / the measured
+device copy bandwidth: how close decode is to the memory-bound roofline.
 Multi-process (``launch/local_multiprocess.sh``, a pod): ``--batch`` counts global prompts, each
 process generates its share on a mesh over all devices (``--mesh``, default data-parallel over
 every chip); process 0 prints global tokens/s and tokens/s per chip (no HF comparison, and no

@@ -50,7 +50,7 @@ def categorical(keys, values, block: int = 128):
     its mass, then a candidate inside it, each with one uniform. Exact up to fp32 rounding of the
     cumulative sums, and it needs 2 random numbers per row where ``jax.random.categorical``'s
     Gumbel-max needs C: at the 152k Qwen vocabulary that was ~200 ms of threefry per decode step
-    for 64 rows on two CPU cores (this: ~25 ms; the LM head itself: ~25 ms). The same idea as
+    for 64 rows on two CPU cores (this: ~20 ms; the LM head matmul itself: ~22 ms). The same idea as
     FlashInfer's inverse-transform sampling kernels. Never picks a zero-probability entry:
     rounding that would land past the last candidate is clamped to the last one with mass.
     """
