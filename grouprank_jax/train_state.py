@@ -37,25 +37,37 @@ def make_optimizer(
     eps: float = 1e-8,
     max_grad_norm: float | None = 1.0,
     min_lr_ratio: float = 0.0,
+    schedule: str = "cosine",
 ) -> optax.GradientTransformation:
-    """AdamW with linear warmup + cosine decay and global-norm clipping.
+    """AdamW with linear warmup, then cosine decay to ``min_lr_ratio`` x peak (``"cosine"``) or a
+    constant learning rate (``"constant"``, verl's default for PPO/GRPO actors), and global-norm
+    clipping.
 
     Weight decay skips 1-D params (norm scales, biases), the usual convention.
     """
     total_steps = max(int(total_steps), 1)
     warmup_steps = min(int(warmup_steps), total_steps - 1) if total_steps > 1 else 0
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup_steps else learning_rate,
-        peak_value=learning_rate,
-        warmup_steps=warmup_steps,
-        decay_steps=total_steps,
-        end_value=learning_rate * min_lr_ratio,
-    )
+    if schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            init_value=0.0 if warmup_steps else learning_rate,
+            peak_value=learning_rate,
+            warmup_steps=warmup_steps,
+            decay_steps=total_steps,
+            end_value=learning_rate * min_lr_ratio,
+        )
+    elif schedule == "constant":
+        # Always a schedule (never a bare float) so the optimizer state has the same structure,
+        # with its step count, whichever schedule a checkpoint was written with.
+        lr = optax.join_schedules(
+            [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)), optax.constant_schedule(learning_rate)],
+            [warmup_steps])
+    else:
+        raise ValueError(f"schedule={schedule!r}; choose 'cosine' or 'constant'")
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)  # noqa: E731
     parts = []
     if max_grad_norm:
         parts.append(optax.clip_by_global_norm(max_grad_norm))
-    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
     return optax.chain(*parts)
 
 

@@ -28,6 +28,12 @@ class GRPOConfig:
 
     # ---- optimisation -----------------------------------------------------------------
     learning_rate: float = 1e-5  # [paper Table 10]
+    # The paper ran verl, whose actor default is a constant LR without warmup
+    # (optim.warmup_style=constant, lr_warmup_steps_ratio=0) [INFERRED]; "cosine" decays to
+    # min_lr_ratio x learning_rate over the run.
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine only
     global_batch_prompts: int = 64  # global train batch 64 [paper Table 10]
     mini_batch_prompts: int = 64  # PPO mini-batch 64 -> one update per rollout batch [Table 10]
     epochs: int = 5  # passes over the 5,907 RL samples [paper Table 10]
@@ -76,6 +82,7 @@ class GRPOConfig:
 
     def __post_init__(self):
         _check_choice("advantage", self.advantage, ADVANTAGE_MODES)
+        _check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
         _check_choice("policy_loss", self.policy_loss, POLICY_LOSSES)

@@ -118,8 +118,9 @@ def train_grpo(
     steps_per_epoch = max(1, len(records) // grpo.global_batch_prompts)
     total_steps = grpo.epochs * steps_per_epoch if max_steps is None else max_steps
     updates_per_step = grpo.updates_per_rollout_batch
-    tx = make_optimizer(grpo.learning_rate, total_steps * updates_per_step, warmup_steps=0, weight_decay=0.0,
-                        max_grad_norm=1.0)
+    tx = make_optimizer(grpo.learning_rate, total_steps * updates_per_step,
+                        warmup_steps=grpo.lr_warmup_steps * updates_per_step, weight_decay=0.0, max_grad_norm=1.0,
+                        min_lr_ratio=grpo.min_lr_ratio, schedule=grpo.lr_schedule)
     state = init_train_state(model, tx, lora=lora, seed=cfg.seed)
     # Full fine-tuning keeps a frozen copy of the starting weights as the KL reference.
     ref_trainable = None
