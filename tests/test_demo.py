@@ -1,4 +1,5 @@
-"""The short demo (``grouprank demo --preset ci``): SFT -> GRPO -> rerank + eval -> HF export.
+"""The CI demo (``grouprank demo --preset ci``: the default with 8 held-out queries): SFT ->
+GRPO -> rerank + eval -> HF export.
 
 Asserts what the demo achieves on 2 CPU cores: SFT learns the output format (the trained
 models' held-out groups parse, the random-init model's do not) and the relevance judgement (the
