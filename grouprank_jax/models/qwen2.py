@@ -36,6 +36,11 @@ def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal", std: float 
     return nnx.Param(value, logical_axes=axes)
 
 
+def _kernel(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes):
+    """A weight matrix drawn from normal(0, ``cfg.initializer_range``) in ``cfg.param_dtype``."""
+    return _param(rngs, shape, axes, _dtype(cfg.param_dtype), std=cfg.initializer_range)
+
+
 def _add_lora(module: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs, name: str, kernel_axes, in_dims: int):
     """Adapters ``{name}_lora_a`` [in..., r] and ``{name}_lora_b`` [r, out...] for one projection.
 
@@ -108,13 +113,13 @@ class Attention(nnx.Module):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pd = _dtype(cfg.param_dtype)
         self.cfg, self.layer_index, self.mesh, self.rules = cfg, layer_index, mesh, rules
-        self.q_kernel = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std=cfg.initializer_range)
+        self.q_kernel = _kernel(rngs, cfg, (d, n, h), ("embed", "heads", "head_dim"))
         self.q_bias = _param(rngs, (n, h), ("heads", "head_dim"), pd, init="zeros")
-        self.k_kernel = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std=cfg.initializer_range)
+        self.k_kernel = _kernel(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"))
         self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), pd, init="zeros")
-        self.v_kernel = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std=cfg.initializer_range)
+        self.v_kernel = _kernel(rngs, cfg, (d, k, h), ("embed", "kv_heads", "head_dim"))
         self.v_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), pd, init="zeros")
-        self.o_kernel = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd, std=cfg.initializer_range)
+        self.o_kernel = _kernel(rngs, cfg, (n, h, d), ("heads", "head_dim", "embed"))
         _add_lora(self, cfg, rngs, "q_proj", ("embed", "heads", "head_dim"), 1)
         _add_lora(self, cfg, rngs, "k_proj", ("embed", "kv_heads", "head_dim"), 1)
         _add_lora(self, cfg, rngs, "v_proj", ("embed", "kv_heads", "head_dim"), 1)
@@ -162,11 +167,10 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, mesh: Mesh | None, rules: Rules):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        pd = _dtype(cfg.param_dtype)
         self.mesh, self.rules = mesh, rules
-        self.gate_kernel = _param(rngs, (d, f), ("embed", "mlp"), pd, std=cfg.initializer_range)
-        self.up_kernel = _param(rngs, (d, f), ("embed", "mlp"), pd, std=cfg.initializer_range)
-        self.down_kernel = _param(rngs, (f, d), ("mlp", "embed"), pd, std=cfg.initializer_range)
+        self.gate_kernel = _kernel(rngs, cfg, (d, f), ("embed", "mlp"))
+        self.up_kernel = _kernel(rngs, cfg, (d, f), ("embed", "mlp"))
+        self.down_kernel = _kernel(rngs, cfg, (f, d), ("mlp", "embed"))
         _add_lora(self, cfg, rngs, "gate_proj", ("embed", "mlp"), 1)
         _add_lora(self, cfg, rngs, "up_proj", ("embed", "mlp"), 1)
         _add_lora(self, cfg, rngs, "down_proj", ("mlp", "embed"), 1)
@@ -222,11 +226,11 @@ class Qwen2ForCausalLM(nnx.Module):
         self.mesh = mesh
         self.rules = rules
         pd = _dtype(cfg.param_dtype)
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, std=cfg.initializer_range)
+        self.embed = _kernel(rngs, cfg, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
         self.layers = nnx.List([DecoderLayer(cfg, rngs, i, mesh, rules) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, std=cfg.initializer_range)
+            self.lm_head = _kernel(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
 
     # ---- pieces shared by training losses ------------------------------------------------
     def logits_from_hidden(self, hidden):
