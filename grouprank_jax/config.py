@@ -46,6 +46,11 @@ class ModelConfig:
     dtype: str = "float32"
     attention_impl: str = "auto"  # reference | chunked | cudnn | splash | auto
     attention_block_size: int = 512  # kv block of the chunked (online-softmax) attention
+    # Splash (TPU) tile, a multiple of 128; None picks the chip generation's default
+    # (models/attention.py: SPLASH_BLOCK_BY_KIND).
+    splash_block_size: int | None = None
+    # Run splash in Pallas interpret mode on any platform (CPU tests of its numerics; slow).
+    splash_interpret: bool = False
     remat: str = "none"  # none | full | dots_saveable (per decoder layer)
     # LoRA adapters (paper's RL stage: rank 32, alpha 32, all linear layers). 0 = no adapters.
     lora_rank: int = 0

@@ -29,7 +29,8 @@ def load_initial_model(init_from: str | None, model_cfg: ModelConfig, mesh: Mesh
     come from the checkpoint when there is one.
     """
     keep = dict(param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype, attention_impl=model_cfg.attention_impl,
-                attention_block_size=model_cfg.attention_block_size, remat=model_cfg.remat)
+                attention_block_size=model_cfg.attention_block_size, remat=model_cfg.remat,
+                splash_block_size=model_cfg.splash_block_size, splash_interpret=model_cfg.splash_interpret)
     if init_from is None:
         return create_model(model_cfg.replace(lora_rank=0), mesh=mesh, seed=seed)
     from grouprank_jax.commands.convert import load_any_checkpoint

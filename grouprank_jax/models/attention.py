@@ -17,6 +17,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +137,36 @@ def cudnn_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=None)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
 
 
-def splash_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=None):
-    """TPU Pallas splash attention (causal; segment ids carry padding and packing).
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+# Splash tile (block_q = block_kv) per TPU generation, by ``device_kind``. Measured by compiling
+# the forward + backward kernels (bf16, head_dim 128, T 8192) for each chip from a CPU host: the
+# largest tile that fits VMEM is 1024 on v4 (16 MiB VMEM), v5e and v5p, and 2048 on v6e; 2048 /
+# 4096 fail with "Ran out of memory in memory space vmem". The default is half of that, leaving
+# VMEM headroom for larger head dims. No TPU was available to time them, so these are
+# compile-tested defaults, not tuned optima; ``ModelConfig.splash_block_size`` overrides them.
+SPLASH_BLOCK_BY_KIND = {"TPU v4": 512, "TPU v5 lite": 512, "TPU v5": 512, "TPU v6 lite": 1024}
+DEFAULT_SPLASH_BLOCK = 512
+
+
+def splash_block_for(mesh: Mesh | None, override: int | None = None) -> int:
+    """The splash tile for the chips of ``mesh`` (``override`` wins; a multiple of 128)."""
+    if override:
+        if override % 128:
+            raise ValueError(f"splash_block_size={override} must be a multiple of 128 (TPU lane width)")
+        return override
+    kind = mesh.devices.flat[0].device_kind if mesh is not None else ""
+    return SPLASH_BLOCK_BY_KIND.get(kind, DEFAULT_SPLASH_BLOCK)
+
+
+def _splash_local(q, k, v, q_seg, kv_seg, *, block: int, interpret: bool):
+    """Splash on one device's shard: q [b, T, n, H], k/v [b, T, k, H], segment ids [b, T].
 
     GQA without repeating KV: the MQA kernel runs once per kv head over that head's G query
-    heads (vmapped over batch and kv heads). Padding becomes segment id 0, so padded rows
-    attend only among themselves and their outputs are ignored downstream.
-    Not exercised by CI (no TPU there); on other platforms ``resolve_impl`` picks ``chunked``.
+    heads (vmapped over batch and kv heads). T is padded up to a multiple of the tile with
+    segment id 0, which real tokens (segment >= 1) never attend to.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -150,34 +174,88 @@ def splash_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=None
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     g = n // kv_heads
-    if q_seg is None:
-        q_seg = jnp.ones((b, t), jnp.int32)
-        kv_seg = jnp.ones((b, k.shape[1]), jnp.int32)
-    if kv_valid is not None:
-        kv_seg = jnp.where(kv_valid, kv_seg, 0)
-        q_seg = jnp.where(kv_valid, q_seg, 0)
-    mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(g)])
-    kernel = sk.make_splash_mqa_single_device(mask)
-    qt = (q * (h ** -0.5)).reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    kt = k.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    block = min(block, _round_up(t, 128))
+    padded = _round_up(t, block)
+    if padded != t:
+        widths = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+        q, k, v = jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths)
+        q_seg = jnp.pad(q_seg, ((0, 0), (0, padded - t)))
+        kv_seg = jnp.pad(kv_seg, ((0, 0), (0, padded - t)))
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = sm.MultiHeadMask([sm.CausalMask((padded, padded)) for _ in range(g)])
+    kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    scale = jnp.asarray(h ** -0.5, q.dtype)
+    qt = (q * scale).reshape(b, padded, kv_heads, g, h).transpose(0, 2, 3, 1, 4)  # [b, K, G, T, H]
+    kt = k.transpose(0, 2, 1, 3)  # [b, K, T, H]
     vt = v.transpose(0, 2, 1, 3)
 
-    def one(qb, kb, vb, qs, ks):
+    def one_row(qb, kb, vb, qs, ks):
         seg = sk.SegmentIds(q=qs, kv=ks)
         return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=seg))(qb, kb, vb)
 
-    out = jax.vmap(one)(qt, kt, vt, q_seg, kv_seg)  # [B, K, G, T, H]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    out = jax.vmap(one_row)(qt, kt, vt, q_seg, kv_seg)  # [b, K, G, T, H]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, padded, n, h)
+    return out[:, :t].astype(q.dtype)
 
 
-def resolve_impl(impl: str, is_decode: bool) -> str:
-    """Pick a concrete kernel; fused kernels fall back to ``chunked`` where unavailable."""
-    platform = jax.default_backend()
+def splash_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=None, *, mesh: Mesh | None = None,
+                     rules=None, block_size: int | None = None, interpret: bool = False):
+    """TPU Pallas splash attention for full-sequence causal self-attention (training, prefill).
+
+    Mosaic kernels cannot be partitioned by XLA, so on a mesh the kernel runs inside
+    ``jax.shard_map``: rows over the batch axes and query / kv heads over ``tensor``, with the
+    same logical-axis rules as the rest of the model (an axis that does not divide a dimension
+    is dropped, as everywhere). When the kv heads cannot follow the query heads onto ``tensor``
+    (e.g. 12 heads, 2 kv heads, tensor 4) heads stay whole on every device. Padding and packing
+    travel as segment ids (padding = 0). ``interpret=True`` runs the kernel in Pallas' interpret
+    mode on any backend (how CPU tests check its numerics).
+    """
+    from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, logical_to_spec
+
+    rules = LOGICAL_AXIS_RULES if rules is None else rules
+    b, t = q.shape[:2]
+    if k.shape[1] != t:
+        raise ValueError("splash attention serves full-sequence calls (training, prefill); decode uses chunked")
+    if q_seg is None:
+        q_seg = kv_seg = jnp.ones((b, t), jnp.int32)
+    if kv_valid is not None:
+        kv_seg = jnp.where(kv_valid, kv_seg, 0)
+        q_seg = jnp.where(kv_valid, q_seg, 0)
+    local = functools.partial(_splash_local, block=splash_block_for(mesh, block_size), interpret=interpret)
+    if mesh is None or mesh.size == 1:
+        return local(q, k, v, q_seg, kv_seg)
+    q_spec = logical_to_spec(("batch", "length", "act_heads", "head_dim"), q.shape, mesh, rules)
+    kv_spec = logical_to_spec(("batch", "length", "act_kv_heads", "head_dim"), k.shape, mesh, rules)
+    if q_spec[2] != kv_spec[2]:
+        q_spec = P(q_spec[0], None, None, None)
+        kv_spec = P(kv_spec[0], None, None, None)
+    seg_spec = P(q_spec[0], None)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec), out_specs=q_spec,
+                       check_vma=False)
+    return fn(q, k, v, q_seg, kv_seg)
+
+
+def mesh_platform(mesh: Mesh | None) -> str:
+    """The platform the program is compiled for: the mesh's devices (which may be a TPU topology
+    described on a CPU host), else the default backend."""
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
+def resolve_impl(impl: str, is_decode: bool, platform: str | None = None, splash_interpret: bool = False) -> str:
+    """Pick a concrete kernel for ``platform`` (the mesh's devices; default: this host's backend).
+
+    Fused kernels fall back to ``chunked`` where unavailable (wrong platform, decode steps);
+    ``splash_interpret`` keeps ``splash`` on any platform, in Pallas interpret mode.
+    """
+    platform = platform or jax.default_backend()
     if impl == "auto":
-        impl = {"gpu": "cudnn", "tpu": "splash"}.get(platform, "chunked")
-    if impl == "cudnn" and (platform != "gpu" or is_decode):
+        impl = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(platform, "chunked")
+    if impl == "cudnn" and (platform not in ("gpu", "cuda") or is_decode):
         return "chunked"
-    if impl == "splash" and (platform != "tpu" or is_decode):
+    if impl == "splash" and (is_decode or (platform != "tpu" and not splash_interpret)):
         return "chunked"
     return impl
 
@@ -188,10 +266,12 @@ def _log_choice(requested: str, chosen: str):
         log.info("attention %s is unavailable here; using %s", requested, chosen)
 
 
-def attend(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=None, *, impl="auto", block_size=512, is_decode=False):
-    chosen = resolve_impl(impl, is_decode)
+def attend(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=None, *, impl="auto", block_size=512, is_decode=False,
+           mesh: Mesh | None = None, rules=None, splash_block_size: int | None = None, splash_interpret: bool = False):
+    platform = mesh_platform(mesh)
+    chosen = resolve_impl(impl, is_decode, platform, splash_interpret)
     _log_choice(impl, chosen)
-    if kv_valid is None and chosen != "cudnn":
+    if kv_valid is None and chosen not in ("cudnn", "splash"):
         kv_valid = jnp.ones((k.shape[0], k.shape[1]), bool)
     if chosen == "reference":
         return reference_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg, kv_seg)
@@ -200,5 +280,6 @@ def attend(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=None, *, impl=
     if chosen == "cudnn":
         return cudnn_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg, kv_seg)
     if chosen == "splash":
-        return splash_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg, kv_seg)
+        return splash_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg, kv_seg, mesh=mesh, rules=rules,
+                                block_size=splash_block_size, interpret=splash_interpret or platform != "tpu")
     raise ValueError(f"unknown attention implementation {chosen!r}")

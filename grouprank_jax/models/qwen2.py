@@ -142,7 +142,8 @@ class Attention(nnx.Module):
             # Full-sequence attention (training, scoring, prefill).
             out = attend(
                 q, k, v, ctx["q_slot"], ctx["q_slot"][0], ctx["kv_valid"], ctx["segment_ids"], ctx["segment_ids"],
-                impl=cfg.attention_impl, block_size=cfg.attention_block_size,
+                impl=cfg.attention_impl, block_size=cfg.attention_block_size, mesh=mesh, rules=rules,
+                splash_block_size=cfg.splash_block_size, splash_interpret=cfg.splash_interpret,
             )
             start = 0
         else:
@@ -159,6 +160,7 @@ class Attention(nnx.Module):
                 out = attend(
                     q, all_k[self.layer_index].astype(dt), all_v[self.layer_index].astype(dt), ctx["q_slot"], slots,
                     ctx["kv_valid"], impl=cfg.attention_impl, block_size=cfg.attention_block_size, is_decode=True,
+                    mesh=mesh, rules=rules,
                 )
         out = jnp.einsum("btnh,nhd->btd", out, self.o_kernel[...].astype(dt)) + _lora_delta(self, "o_proj", out, ctx)
         return out, cache_kv
