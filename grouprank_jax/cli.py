@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "grpo": "grouprank_jax.commands.train",
     "plot": "grouprank_jax.commands.plot",
     "plan": "grouprank_jax.commands.plan",
+    "compile": "grouprank_jax.commands.compile",
     "bench": "grouprank_jax.commands.bench",
 }
 

@@ -52,6 +52,9 @@ class RunConfig:
     run_dir: str = "runs/default"
     seed: int = 0
     log_every: int = 1
+    # XLA compiler options for every program the run compiles (the trainers' steps, the sampler),
+    # e.g. {xla_tpu_enable_latency_hiding_scheduler: 'false'}; `grouprank compile` uses them too.
+    xla_options: dict = dataclasses.field(default_factory=dict)
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)

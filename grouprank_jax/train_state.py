@@ -107,29 +107,32 @@ def init_train_state(model, tx: optax.GradientTransformation, lora: bool, seed: 
     graphdef, trainable, frozen = split_model(model, lora)
     if not jax.tree.leaves(trainable):
         raise ValueError("no trainable parameters: LoRA requested but the model has lora_rank=0")
-    # jit keeps each moment on its parameter's sharding (GSPMD propagation of zeros_like).
-    opt_state = _replicate_unsharded(jax.jit(tx.init)(trainable), trainable)
+    mesh = _mesh_of(trainable)
+    init = jax.jit(tx.init) if mesh is None else jax.jit(tx.init, out_shardings=opt_state_shardings(tx, trainable, mesh))
+    opt_state = init(trainable)
     # Host numpy, identical on every process: a process-local jax.Array would not save multi-process.
     rng = np.asarray(jax.random.key_data(jax.random.key(seed)))
     return TrainState(graphdef, trainable, frozen, opt_state, 0, rng, lora)
 
 
-def _replicate_unsharded(opt_state, trainable):
-    """Leaves that depend on no parameter (Adam's step ``count``) come out of ``jit`` on one
-    device; put them on the parameters' mesh, replicated, so that they checkpoint and restore as
-    global arrays on every process (a restored single-device scalar would clash with the mesh)."""
-    meshes = {leaf.sharding.mesh for leaf in jax.tree.leaves(trainable)
+def _mesh_of(tree) -> Mesh | None:
+    meshes = {leaf.sharding.mesh for leaf in jax.tree.leaves(tree)
               if isinstance(getattr(leaf, "sharding", None), NamedSharding)}
-    if len(meshes) != 1:
-        return opt_state
-    replicated = NamedSharding(meshes.pop(), jax.sharding.PartitionSpec())
+    return meshes.pop() if len(meshes) == 1 else None
 
-    def place(x):
-        if isinstance(x, jax.Array) and not isinstance(x.sharding, NamedSharding):
-            return jax.device_put(np.asarray(x), replicated)
-        return x
 
-    return jax.tree.map(place, opt_state)
+def opt_state_shardings(tx: optax.GradientTransformation, trainable, mesh: Mesh):
+    """``NamedSharding``s of ``tx.init(trainable)``: every moment on its parameter's sharding, the
+    rest (Adam's step ``count``) replicated on the mesh, so that each leaf checkpoints and restores
+    as a global array on every process. Explicit because the moments are ``zeros_like`` values
+    that depend on no input: left to XLA they land on one device (a TPU compile from another
+    host then counts them replicated on every chip). ``trainable`` may be abstract."""
+    shapes = jax.eval_shape(tx.init, trainable)
+    param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+    is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+    return optax.tree_map_params(tx, lambda _, sharding: sharding, shapes, param_shardings,
+                                 transform_non_params=lambda _: NamedSharding(mesh, jax.sharding.PartitionSpec()),
+                                 is_leaf=is_sharding)
 
 
 def restore_target(state: TrainState) -> dict:

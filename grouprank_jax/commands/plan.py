@@ -20,8 +20,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="stage to plan; auto: from the config file name (sft_*/grpo_*), else both")
     p.add_argument("--usable-fraction", type=float, default=0.9,
                    help="fraction of HBM the run may use (default 0.9)")
-    p.add_argument("--grpo-micro-rows", type=int, default=1,
-                   help="rollouts per batch shard per GRPO forward/backward (default 1)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. mesh.tensor=4")
     p.set_defaults(func=run)
 
@@ -38,7 +36,8 @@ def stages_for(config_path: str, stage: str) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so that ``grouprank --help`` does not import flax.
-    from grouprank_jax.plan import PlanOptions, parse_topology, plan
+    from grouprank_jax.preflight.plan import PlanOptions, plan
+    from grouprank_jax.preflight.topology import parse_topology
     from grouprank_jax.run_config import load_run_config
 
     try:
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
         print(f"grouprank plan: {err}", file=sys.stderr)
         return 2
-    options = PlanOptions(usable_fraction=args.usable_fraction, grpo_micro_rows=args.grpo_micro_rows)
+    options = PlanOptions(usable_fraction=args.usable_fraction)
     report = plan(cfg, topology, stages_for(args.config, args.stage), options)
     print(report.table())
     return 0 if report.ok else 1

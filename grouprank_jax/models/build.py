@@ -45,6 +45,17 @@ def create_model(cfg: ModelConfig, mesh: Mesh | None = None, seed: int = 0, rule
     return nnx.merge(graphdef, state)
 
 
+def abstract_sharded_model(cfg: ModelConfig, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Qwen2ForCausalLM:
+    """The model with ``jax.ShapeDtypeStruct`` parameters that carry their ``NamedSharding``s:
+    what ``jit(...).lower`` needs to compile for ``mesh`` (any devices, e.g. a TPU slice
+    described on a CPU host) without allocating a single weight."""
+    model = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
+    for _, variable in nnx.to_flat_state(nnx.state(model)):
+        value = variable.get_value()
+        variable.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=variable_sharding(variable, mesh, rules)))
+    return model
+
+
 def shard_model(model: Qwen2ForCausalLM, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Qwen2ForCausalLM:
     """Place an existing model's params on ``mesh`` (and make its activation constraints use it)."""
     graphdef, state = nnx.split(model)

@@ -143,6 +143,24 @@ def shard(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None, rules: R
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, x.shape, rules))
 
 
+def per_chip_bytes(tree) -> int:
+    """Bytes one device holds of a pytree of (possibly abstract) sharded arrays."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        shape = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def tpu_reserved_hbm_options(mesh: Mesh | None, reserved_bytes: int) -> dict:
+    """Compiler options telling TPU XLA that ``reserved_bytes`` per chip are taken by state that
+    lives beside a program (its scheduler otherwise plans with the whole HBM free); empty off TPU."""
+    if mesh is None or mesh.devices.flat[0].platform != "tpu" or reserved_bytes <= 0:
+        return {}
+    return {"xla_tpu_user_reserved_hbm_bytes": str(int(reserved_bytes))}
+
+
 def non_dividing_axes(
     names: Iterable[str | None], shape: Sequence[int], mesh_shape: dict[str, int], rules: Rules = LOGICAL_AXIS_RULES
 ) -> list[str]:

@@ -4,6 +4,11 @@ the policy update on one mini-batch.
 Row layout: ``seq_ids [R, P + C]`` = a left-padded prompt (P) followed by the completion (C,
 right-padded); ``seq_mask`` marks real tokens. Completion token j sits at index P + j and is
 predicted from the hidden state at P + j - 1.
+
+Micro-batches (``micro_rows``) are strided, not contiguous: micro-batch j holds rows
+``j, j + M, j + 2M, ...`` (M = R / micro_rows). Rows arrive sharded in contiguous blocks over
+the batch axes, so a strided split gives every device its share of every micro-batch without
+moving a row; a contiguous split would put a whole micro-batch on a few devices.
 """
 
 from __future__ import annotations
@@ -15,6 +20,34 @@ from flax import nnx
 
 from grouprank_jax.models.token_logprobs import lm_head_matrix, token_logprobs
 from grouprank_jax.rl.losses import grpo_loss, masked_mean
+from grouprank_jax.train_state import make_optimizer
+
+
+def make_grpo_optimizer(grpo, total_updates: int) -> optax.GradientTransformation:
+    """AdamW as ``GRPOConfig`` sets it (no weight decay, global-norm clip 1.0, constant LR by
+    default as verl); shared by the trainer and ``grouprank compile``."""
+    per_step = grpo.updates_per_rollout_batch
+    return make_optimizer(grpo.learning_rate, total_updates, warmup_steps=grpo.lr_warmup_steps * per_step,
+                          weight_decay=0.0, max_grad_norm=1.0, min_lr_ratio=grpo.min_lr_ratio,
+                          schedule=grpo.lr_schedule)
+
+
+def split_micro(x, micro_rows: int):
+    """``[R, ...] -> [R / micro_rows, micro_rows, ...]``, micro-batch j = rows j, j + M, ..."""
+    rows = x.shape[0]
+    return x.reshape(micro_rows, rows // micro_rows, *x.shape[1:]).swapaxes(0, 1)
+
+
+def merge_micro(x):
+    """Inverse of ``split_micro``."""
+    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+
+def _micro_size(rows: int, micro_rows: int | None) -> int:
+    micro = rows if not micro_rows or micro_rows >= rows else micro_rows
+    if rows % micro:
+        raise ValueError(f"a mini-batch of {rows} rows is not a multiple of grpo.micro_batch_rows={micro}")
+    return micro
 
 
 def completion_logprobs(trainable, frozen, graphdef, seq_ids, seq_mask, prompt_len: int, chunk_size: int,
@@ -27,19 +60,31 @@ def completion_logprobs(trainable, frozen, graphdef, seq_ids, seq_mask, prompt_l
     return token_logprobs(lm_head_matrix(model), predicting, targets, chunk_size, with_entropy)
 
 
-def make_logprob_fn(graphdef, prompt_len: int, chunk_size: int, use_lora: bool):
-    """Jitted no-grad log-probs (the reference policy's, or the current policy's for checks)."""
+def make_logprob_fn(graphdef, prompt_len: int, chunk_size: int, use_lora: bool, micro_rows: int | None = None,
+                    compiler_options: dict | None = None):
+    """Jitted no-grad log-probs [R, C] (the reference policy's, or the current policy's for
+    checks), ``micro_rows`` rows per forward pass."""
 
     def fn(trainable, frozen, seq_ids, seq_mask):
-        logp, _ = completion_logprobs(trainable, frozen, graphdef, seq_ids, seq_mask, prompt_len, chunk_size,
-                                      use_lora=use_lora, with_entropy=False)
-        return logp
+        micro = _micro_size(seq_ids.shape[0], micro_rows)
 
-    return jax.jit(fn)
+        def one(_, rows):
+            ids, mask = rows
+            logp, _ = completion_logprobs(trainable, frozen, graphdef, ids, mask, prompt_len, chunk_size,
+                                          use_lora=use_lora, with_entropy=False)
+            return None, logp
+
+        if micro == seq_ids.shape[0]:
+            return one(None, (seq_ids, seq_mask))[1]
+        _, logp = jax.lax.scan(one, None, (split_micro(seq_ids, micro), split_micro(seq_mask, micro)))
+        return merge_micro(logp)
+
+    return jax.jit(fn, compiler_options=compiler_options or None)
 
 
 def make_grpo_update(graphdef, tx: optax.GradientTransformation, loss_kwargs: dict, prompt_len: int,
-                     chunk_size: int, donate: bool = True, micro_rows: int | None = None):
+                     chunk_size: int, donate: bool = True, micro_rows: int | None = None,
+                     compiler_options: dict | None = None):
     """``update(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)``.
 
     ``batch``: seq_ids/seq_mask [R, P+C]; completion_mask, old_logp, ref_logp [R, C];
@@ -62,25 +107,26 @@ def make_grpo_update(graphdef, tx: optax.GradientTransformation, loss_kwargs: di
 
     def update(trainable, frozen, opt_state, batch):
         rows = batch["seq_ids"].shape[0]
-        micro = rows if not micro_rows or micro_rows >= rows else micro_rows
-        if rows % micro:
-            raise ValueError(f"mini-batch of {rows} rows is not a multiple of micro_rows={micro}")
+        micro = _micro_size(rows, micro_rows)
         mask = batch["completion_mask"].astype(jnp.float32)
         denom = jnp.maximum(jnp.sum(mask), 1.0) if agg_mode == "token-mean" else jnp.float32(rows)
-        stacked = jax.tree.map(lambda x: x.reshape(rows // micro, micro, *x.shape[1:]), batch)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if micro == rows:
+            (_, metrics), grads = grad_fn(trainable, frozen, batch, denom)
+        else:
+            def body(grads_acc, mb):
+                (_, metrics), grads = grad_fn(trainable, frozen, mb, denom)
+                return jax.tree.map(jnp.add, grads_acc, grads), metrics
 
-        def body(grads_acc, mb):
-            (_, metrics), grads = grad_fn(trainable, frozen, mb, denom)
-            return jax.tree.map(jnp.add, grads_acc, grads), metrics
-
-        grads, metrics = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, trainable), stacked)
-        # per-micro metrics: sums for the loss terms (each already divided by the global count),
-        # means for rates and ratios
-        metrics = {k: (jnp.sum(v) if k in ("loss", "pg_loss", "kl_loss") else jnp.mean(v)) for k, v in metrics.items()}
+            stacked = jax.tree.map(lambda x: split_micro(x, micro), batch)
+            grads, metrics = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, trainable), stacked)
+            # per-micro metrics: sums for the loss terms (each already divided by the global
+            # count), means for rates and ratios
+            metrics = {k: (jnp.sum(v) if k in ("loss", "pg_loss", "kl_loss") else jnp.mean(v))
+                       for k, v in metrics.items()}
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
         return trainable, opt_state, metrics
 
-    return jax.jit(update, donate_argnums=(0, 2) if donate else ())
+    return jax.jit(update, donate_argnums=(0, 2) if donate else (), compiler_options=compiler_options or None)

@@ -27,12 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from grouprank_jax.parallel.distributed import agree_max, gather_rows, global_sum
+from grouprank_jax.parallel.mesh import per_chip_bytes, tpu_reserved_hbm_options
 from grouprank_jax.rl.advantages import group_advantages
 from grouprank_jax.rl.losses import loss_kwargs
 from grouprank_jax.rl.rollout import build_prompts, sample_group, score_rollouts
-from grouprank_jax.rl.step import make_grpo_update, make_logprob_fn
+from grouprank_jax.rl.step import make_grpo_optimizer, make_grpo_update, make_logprob_fn
 from grouprank_jax.run_config import RunConfig
-from grouprank_jax.train_state import apply_restored, init_train_state, make_optimizer, restore_target, shard_batch
+from grouprank_jax.train_state import apply_restored, init_train_state, restore_target, shard_batch
 from grouprank_jax.training import RunDir, load_initial_model, load_stage_records, rebuild_with_config, save_base_weights
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,12 @@ def train_grpo(
     if grpo.global_batch_prompts % jax.process_count():
         raise ValueError(f"grpo.global_batch_prompts={grpo.global_batch_prompts} does not split over "
                          f"{jax.process_count()} processes")
+    if mesh is not None:
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        for what, prompts in (("global_batch_prompts", grpo.global_batch_prompts), ("mini_batch_prompts", grpo.mini_batch_prompts)):
+            if (prompts * G) % shards:
+                raise ValueError(f"grpo.{what} x rollouts_per_prompt = {prompts} x {G} rollouts do not split over the "
+                                 f"mesh's batch axes (data x fsdp = {shards}); make it a multiple of {shards}")
     tokenizer = tokenizer or load_tokenizer()
     preset = prompt_preset or cfg.sft.prompt_preset
     records = load_stage_records(records, cfg.data.rl_train, "rl", "rl_train")
@@ -118,9 +125,7 @@ def train_grpo(
     steps_per_epoch = max(1, len(records) // grpo.global_batch_prompts)
     total_steps = grpo.epochs * steps_per_epoch if max_steps is None else max_steps
     updates_per_step = grpo.updates_per_rollout_batch
-    tx = make_optimizer(grpo.learning_rate, total_steps * updates_per_step,
-                        warmup_steps=grpo.lr_warmup_steps * updates_per_step, weight_decay=0.0, max_grad_norm=1.0,
-                        min_lr_ratio=grpo.min_lr_ratio, schedule=grpo.lr_schedule)
+    tx = make_grpo_optimizer(grpo, total_steps * updates_per_step)
     state = init_train_state(model, tx, lora=lora, seed=cfg.seed)
     # Full fine-tuning keeps a frozen copy of the starting weights as the KL reference.
     ref_trainable = None
@@ -134,8 +139,12 @@ def train_grpo(
         state = apply_restored(state, ckpt.restore(target=restore_target(state), data_iterator=data_iter).state)
         log.info("resumed GRPO from step %d", state.step)
 
+    # The sampler runs while the optimizer state (and a full-FT KL reference) stays on the chips:
+    # on TPU, XLA is told so (the same options `grouprank compile` uses for it).
+    resident = per_chip_bytes((state.opt_state, ref_trainable))
     sampler = Sampler(state.model, tokenizer=tokenizer, mesh=mesh, max_prompt_len=grpo.max_prompt_len,
-                      max_new_tokens=grpo.max_response_len)
+                      max_new_tokens=grpo.max_response_len,
+                      compiler_options={**cfg.xla_options, **tpu_reserved_hbm_options(mesh, resident)})
     kwargs = loss_kwargs(grpo)
     updates: dict[int, Any] = {}
     ref_fns: dict[int, Any] = {}
@@ -167,12 +176,13 @@ def train_grpo(
                 device_rows = shard_batch(rows, mesh)
                 if grpo.kl_coef:
                     if P not in ref_fns:
-                        ref_fns[P] = make_logprob_fn(state.graphdef, P, cfg.sft.loss_chunk_size, use_lora=False)
+                        ref_fns[P] = make_logprob_fn(state.graphdef, P, cfg.sft.loss_chunk_size, use_lora=False,
+                                                     micro_rows=grpo.micro_batch_rows, compiler_options=cfg.xla_options)
                     ref_weights = state.trainable if lora else ref_trainable
                     device_rows["ref_logp"] = ref_fns[P](ref_weights, state.frozen, device_rows["seq_ids"], device_rows["seq_mask"])
                 if P not in updates:
                     updates[P] = make_grpo_update(state.graphdef, tx, kwargs, P, cfg.sft.loss_chunk_size,
-                                                  micro_rows=grpo.micro_batch_rows)
+                                                  micro_rows=grpo.micro_batch_rows, compiler_options=cfg.xla_options)
                 step_metrics = _run_updates(updates[P], state, device_rows, grpo, G)
                 state = step_metrics.pop("_state")
                 state = dataclasses.replace(state, step=state.step + 1)

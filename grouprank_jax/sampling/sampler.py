@@ -24,6 +24,7 @@ call), never closed over, so an optimizer step on the same model is picked up wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Sequence
@@ -100,6 +101,7 @@ class Sampler:
         prompt_length_buckets: Sequence[int] | None = None,
         stop_token_ids: Sequence[int] = DEFAULT_STOP_IDS,
         pad_token_id: int | None = None,
+        compiler_options: dict | None = None,
     ):
         self.model = model  # shared with the trainer: its parameter arrays are read at each call
         self.cfg = model.cfg
@@ -121,9 +123,11 @@ class Sampler:
                                  f"the {jax.process_count()} processes, so that each process holds its own rows")
         self._graphdef = nnx.graphdef(model)
         self._seen_shapes: set[tuple] = set()
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("n", "slots"))
+        options = dict(compiler_options or {}) or None  # XLA options of the run (RunConfig.xla_options)
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("n", "slots"), compiler_options=options)
         self._decode = jax.jit(
-            self._decode_fn, static_argnames=("greedy", "top_k", "use_top_p", "max_new"), donate_argnames=("cache",)
+            self._decode_fn, static_argnames=("greedy", "top_k", "use_top_p", "max_new"), donate_argnames=("cache",),
+            compiler_options=options,
         )
 
     # ---- jitted pure functions of (params, ...) ------------------------------------------
@@ -240,6 +244,57 @@ class Sampler:
             return jax.make_array_from_process_local_data(named_sharding(self.mesh, names, global_shape), x, global_shape)
         return jax.device_put(x, named_sharding(self.mesh, names, x.shape))
 
+    def bucket_shape(self, num_prompts: int, longest: int) -> tuple[int, int]:
+        """(batch B, prompt length T) a call with ``num_prompts`` prompts (per process) of at most
+        ``longest`` tokens compiles for: T the smallest bucket that holds them, B the next power
+        of two that the mesh's batch axes divide."""
+        if longest > self.buckets[-1]:
+            raise ValueError(f"a prompt of {longest} tokens exceeds max_prompt_len={self.max_prompt_len}")
+        t = next(b for b in self.buckets if b >= longest)
+        local_multiple = max(1, self.batch_multiple // jax.process_count())  # rows per batch-shard group here
+        b = _next_pow2(num_prompts)
+        return -(-b // local_multiple) * local_multiple, t
+
+    def _static_settings(self, params: SamplingParams):
+        """(stop ids, stop sequences [S, W], top_k, use_top_p) of a call: what its program depends on."""
+        stop_ids = () if params.ignore_eos else (
+            params.stop_token_ids if params.stop_token_ids is not None else self.stop_token_ids)
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop={params.stop!r} needs a tokenizer; pass Sampler(tokenizer=...) or use stop_token_ids")
+        stop_seqs = stop_token_sequences(self.tokenizer, () if params.ignore_eos else params.stop)
+        return stop_ids, stop_seqs, (0 if params.greedy else params.top_k), params.top_p < 1.0
+
+    def lower(self, num_prompts: int, prompt_len: int, params: SamplingParams = SamplingParams()):
+        """``(prefill, decode)`` as ``jax.stages.Lowered`` for a ``generate`` call with ``num_prompts``
+        prompts of ``prompt_len`` tokens: the same jitted functions at the same shapes and
+        shardings, with nothing executed. The model may be abstract (``jax.ShapeDtypeStruct``
+        leaves), so this is how ``grouprank compile`` targets a TPU slice from any host."""
+        n, max_new = params.n, params.max_new_tokens or self.max_new_tokens
+        b, t = self.bucket_shape(num_prompts, prompt_len)
+        stop_ids, stop_seqs, top_k, use_top_p = self._static_settings(params)
+
+        def spec(shape, dtype, names=None):
+            sharding = None if self.mesh is None else named_sharding(self.mesh, names, shape)
+            return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+
+        state = nnx.state(self.model)
+        prefill = self._prefill.lower(state, spec((b, t), jnp.int32, ("batch", "length")),
+                                      spec((b, t), jnp.int32, ("batch", "length")), n=n, slots=t + max_new)
+        logits0, cache = jax.eval_shape(functools.partial(self._prefill_fn, n=n, slots=t + max_new), state,
+                                        spec((b, t), jnp.int32), spec((b, t), jnp.int32))
+        rows = b * n
+        cache_specs = KVCache(k=spec(cache.k.shape, cache.k.dtype, CACHE_AXES),
+                              v=spec(cache.v.shape, cache.v.dtype, CACHE_AXES),
+                              valid=spec(cache.valid.shape, bool, ("cache_batch", "cache_length")),
+                              index=spec((), jnp.int32, ()))
+        decode = self._decode.lower(
+            state, cache_specs, spec(logits0.shape, jnp.float32, ("batch", "act_vocab")),
+            spec((rows,), jnp.int32, ("batch",)), spec((rows,), bool, ("batch",)), spec((rows,), jnp.int32, ("batch",)),
+            spec((), jnp.uint32, ()), spec((), jnp.float32, ()), spec((), jnp.float32, ()),
+            spec((len(stop_ids),), jnp.int32, (None,)), spec(stop_seqs.shape, jnp.int32, (None, None)),
+            greedy=params.greedy, top_k=top_k, use_top_p=use_top_p, max_new=max_new)
+        return prefill, decode
+
     def generate(self, prompts, params: SamplingParams = SamplingParams()) -> SamplerOutput:
         if not prompts:
             raise ValueError("generate() needs at least one prompt")
@@ -252,10 +307,7 @@ class Sampler:
             if len(set(counts.tolist())) != 1:
                 raise ValueError(f"every process must pass the same number of prompts; got {counts.tolist()}")
         longest = agree_max(max(len(p) for p in encoded))  # one prompt bucket on every process
-        t = next(b for b in self.buckets if b >= longest)
-        local_multiple = self.batch_multiple // processes  # rows this process holds per batch shard group
-        b = _next_pow2(num)
-        b = -(-b // local_multiple) * local_multiple
+        b, t = self.bucket_shape(num, longest)
 
         # [B, T] left-padded with id 0 (masked out; the pad id may lie outside the vocabulary);
         # dummy rows hold one visible token so no row is entirely masked.
@@ -273,12 +325,7 @@ class Sampler:
         prompt_ids = np.concatenate([pid * num + np.arange(num), processes * num + pid * (b - num) + np.arange(b - num)])
         row_ids = (prompt_ids[:, None] * n + np.arange(n)[None, :]).reshape(-1).astype(np.int32)  # [B*n]
 
-        stop_ids = () if params.ignore_eos else (params.stop_token_ids if params.stop_token_ids is not None else self.stop_token_ids)
-        if params.stop and self.tokenizer is None:
-            raise ValueError(f"stop={params.stop!r} needs a tokenizer; pass Sampler(tokenizer=...) or use stop_token_ids")
-        stop_seqs = stop_token_sequences(self.tokenizer, () if params.ignore_eos else params.stop)
-        use_top_p = params.top_p < 1.0
-        top_k = 0 if params.greedy else params.top_k
+        stop_ids, stop_seqs, top_k, use_top_p = self._static_settings(params)
         shape_key = (b, t, n, max_new, params.greedy, top_k, use_top_p, len(stop_ids), stop_seqs.shape)
         compiled = shape_key not in self._seen_shapes
         if compiled:

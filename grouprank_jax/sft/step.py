@@ -9,6 +9,17 @@ import optax
 from flax import nnx
 
 from grouprank_jax.models.token_logprobs import lm_head_matrix, token_logprobs
+from grouprank_jax.train_state import make_optimizer
+
+
+def make_sft_optimizer(sft, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with warmup + cosine decay as ``SFTConfig`` sets it (the trainer and
+    ``grouprank compile`` build the same optimizer, so the compiled step is the trained one)."""
+    return make_optimizer(
+        sft.learning_rate, total_steps, warmup_steps=int(sft.warmup_ratio * total_steps),
+        weight_decay=sft.weight_decay, b1=sft.adam_b1, b2=sft.adam_b2, eps=sft.adam_eps,
+        max_grad_norm=sft.max_grad_norm, min_lr_ratio=sft.min_lr_ratio,
+    )
 
 
 def loss_rows_bucket(loss_mask, multiple: int = 16) -> int:
@@ -45,7 +56,8 @@ def sft_loss_sums(trainable, frozen, graphdef, batch, chunk_size: int, loss_toke
     return -jnp.sum(logp * mask), jnp.sum(mask)
 
 
-def make_sft_step(graphdef, tx: optax.GradientTransformation, chunk_size: int = 1024, donate: bool = True):
+def make_sft_step(graphdef, tx: optax.GradientTransformation, chunk_size: int = 1024, donate: bool = True,
+                  compiler_options: dict | None = None):
     """``step(trainable, frozen, opt_state, batch, loss_tokens_per_row=None) -> (trainable, opt_state, metrics)``.
 
     ``batch`` leaves are ``[accum, micro_batch, T]``: the scan sums gradients of the summed
@@ -71,4 +83,5 @@ def make_sft_step(graphdef, tx: optax.GradientTransformation, chunk_size: int = 
         metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "loss_tokens": tokens}
         return trainable, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 2) if donate else (), static_argnames=("loss_tokens_per_row",))
+    return jax.jit(step, donate_argnums=(0, 2) if donate else (), static_argnames=("loss_tokens_per_row",),
+                   compiler_options=compiler_options or None)

@@ -18,7 +18,6 @@ from grouprank_jax.run_config import RunConfig
 from grouprank_jax.train_state import (
     apply_restored,
     init_train_state,
-    make_optimizer,
     restore_target,
     shard_batch,
 )
@@ -88,7 +87,7 @@ def train_sft(
     from grouprank_jax.parallel.distributed import agree_max
     from grouprank_jax.metrics_log import MetricsLogger
     from grouprank_jax.preemption import PreemptionGuard
-    from grouprank_jax.sft.step import loss_rows_bucket, make_sft_step
+    from grouprank_jax.sft.step import loss_rows_bucket, make_sft_optimizer, make_sft_step
     from grouprank_jax.tokenizer import load_tokenizer
 
     sft = cfg.sft
@@ -115,11 +114,7 @@ def train_sft(
     total_steps = sft.total_steps or max(1, math.ceil(sft.epochs * steps_per_epoch))
     if max_steps is not None:
         total_steps = min(total_steps, max_steps)
-    tx = make_optimizer(
-        sft.learning_rate, total_steps, warmup_steps=int(sft.warmup_ratio * total_steps),
-        weight_decay=sft.weight_decay, b1=sft.adam_b1, b2=sft.adam_b2, eps=sft.adam_eps,
-        max_grad_norm=sft.max_grad_norm, min_lr_ratio=sft.min_lr_ratio,
-    )
+    tx = make_sft_optimizer(sft, total_steps)
     state = init_train_state(model, tx, lora=lora, seed=cfg.seed)
     render = GroupRankRender(sft.prompt_preset, sft.max_doc_chars)
     dataset = sft_dataset(
@@ -134,7 +129,7 @@ def train_sft(
         restored = ckpt.restore(target=restore_target(state), data_iterator=data_iter)
         state = apply_restored(state, restored.state)
         log.info("resumed SFT from step %d", state.step)
-    step_fn = make_sft_step(state.graphdef, tx, sft.loss_chunk_size)
+    step_fn = make_sft_step(state.graphdef, tx, sft.loss_chunk_size, compiler_options=cfg.xla_options)
     logger = MetricsLogger(run_dir.root)
     history: list[dict] = []
     bar = _progress(progress, total_steps, state.step, "sft")

@@ -1,0 +1,362 @@
+"""Per-chip memory of every program a run compiles, estimated from the config alone.
+
+One estimate per jitted function the trainers and the sampler run (the same functions
+``grouprank compile`` hands to XLA): ``sft_step``, ``grpo_update``, ``grpo_ref_logprobs``,
+``sampler_prefill``, ``sampler_decode``. Each is a list of ``MemoryLine``s (what XLA would
+account as arguments, outputs and temporaries of that program) plus ``resident``: state that
+stays on the chip while the function runs without being one of its arguments (the optimizer
+state while the sampler runs). Symbols: ``a`` compute-dtype bytes, ``p`` param bytes, ``t``
+tokens per chip in one forward/backward pass, and D, F, N, K, H, V, L the hidden size, MLP
+width, heads, kv heads, head dim, vocabulary and layers, *local to a chip* after tensor sharding.
+
+Training-step temporaries (``_train_temporaries``), calibrated against TPU XLA's
+``memory_analysis()`` of the compiled steps (v5p, Qwen2.5 shapes; table in docs/scale_out.md):
+
+- gathered weights: XLA all-gathers each layer's FSDP-sharded weights for its matmuls. Under
+  gradient accumulation (a scan over micro-batches) the gathers are loop-invariant and XLA hoists
+  them out of the loop, so every layer's gathered copy stays live for the whole step (the memory
+  report of a compiled step shows them all): ``a * sum(layer params / tensor)``; without
+  accumulation two layers are in flight.
+- gradients: fp32, once more when micro-batches are accumulated, and AdamW's update tree:
+  ``4 * trainable * (2 or 3)``.
+- activations per token and layer: remat ``none`` ``a * (2F + 3D + 2NH + 2KH)``;
+  ``dots_saveable`` ``a * (2F + 2D + NH + 2KH)`` (matmul outputs); ``full`` ``a * D`` (the layer
+  input); plus, for ``full`` / ``dots_saveable``, one layer's recompute working set
+  ``a * (6F + 2D + 2NH)`` (``a * 3F`` of backward temporaries for ``none``).
+- attention: fused kernels (splash, cuDNN) keep ``4 * N`` bytes of softmax statistics per token
+  and layer; the pure-JAX blockwise kernels keep their per-block probabilities (``4 * N * T``).
+- the LM head: an fp32 logits block of ``loss_chunk_size`` tokens and its gradient, and the head
+  matrix in fp32 and in the compute dtype.
+- the embedding lookup: XLA gathers the whole table over fsdp in the param dtype (every
+  program; only the vocabulary split over ``tensor`` remains).
+
+Forward-only programs (reference log-probs, prefill) hold two layers' gathered weights, one
+layer's working set and one logits block. The KV cache is ``2 * L * rows * slots * K * H * a``; the decode loop keeps
+a second copy of the donated cache (XLA double-buffers the while-loop carry).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import types
+
+from grouprank_jax.config import ModelConfig
+from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, logical_to_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    path: str
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    itemsize: int
+    lora: bool
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@functools.lru_cache(maxsize=16)
+def model_params(cfg: ModelConfig) -> tuple[ParamInfo, ...]:
+    """Every Variable's shape and logical axes, from an abstract (never allocated) model."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from grouprank_jax.models.qwen2 import Qwen2ForCausalLM
+
+    # Decoder layers are identical modules, so one is built and its Variables repeated per layer:
+    # tracing 64 abstract layers costs ~8 s, one costs ~0.2 s, and the shapes are the same.
+    one = cfg.replace(num_layers=1)
+    abstract = nnx.eval_shape(lambda: Qwen2ForCausalLM(one, rngs=nnx.Rngs(0)))
+    out = []
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        value = var.get_value()
+        axes = var.get_metadata().get("logical_axes") or (None,) * len(value.shape)
+        names = [path] if path[0] != "layers" else [("layers", i, *path[2:]) for i in range(cfg.num_layers)]
+        out += [ParamInfo("/".join(map(str, p)), tuple(value.shape), tuple(axes),
+                          jnp.dtype(value.dtype).itemsize, isinstance(var, nnx.LoRAParam)) for p in names]
+    return tuple(out)
+
+
+def _spec_mesh(mesh_shape: dict[str, int]):
+    # logical_to_spec only reads ``mesh.shape``; a stand-in lets us plan meshes of any size
+    # without the devices, using exactly the dropping rule the real sharding uses.
+    return types.SimpleNamespace(shape=dict(mesh_shape))
+
+
+def shard_factor(axes, shape, mesh_shape: dict[str, int], rules=LOGICAL_AXIS_RULES) -> int:
+    spec = logical_to_spec(axes, shape, _spec_mesh(mesh_shape), rules)
+    factor = 1
+    for entry in spec:
+        for axis in (entry if isinstance(entry, tuple) else (entry,) if entry else ()):
+            factor *= mesh_shape[axis]
+    return factor
+
+
+def divisibility_violations(names, shape, mesh_shape: dict[str, int], rules=LOGICAL_AXIS_RULES) -> list[str]:
+    """``"kv_heads=4 is not divisible by tensor=8"`` for each dim its rule's axes do not divide."""
+    table = dict(rules)
+    out = []
+    for name, dim in zip(names, shape):
+        axes = [a for a in (table.get(name) or ()) if mesh_shape.get(a, 1) > 1] if name else []
+        size = math.prod(mesh_shape[a] for a in axes)
+        if size > 1 and dim % size:
+            by = f"{axes[0]}={size}" if len(axes) == 1 else (
+                "*".join(axes) + f"={size} (" + ", ".join(f"{a}={mesh_shape[a]}" for a in axes) + ")")
+            out.append(f"{name}={dim} is not divisible by {by}")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryLine:
+    name: str
+    bytes: float
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionEstimate:
+    """One compiled program: its own bytes (``lines``) and what else stays on the chip."""
+
+    name: str
+    lines: tuple[MemoryLine, ...]
+    resident: float = 0.0
+    resident_note: str = ""
+
+    @property
+    def bytes(self) -> float:
+        return sum(x.bytes for x in self.lines)
+
+    @property
+    def total(self) -> float:
+        return self.bytes + self.resident
+
+
+def _local(dim: int, axis_rule: str, mesh_shape: dict[str, int]) -> int:
+    return dim // shard_factor((axis_rule,), (dim,), mesh_shape)
+
+
+def _dtype_bytes(name: str) -> int:
+    import jax.numpy as jnp
+
+    return jnp.dtype(name).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """A model's per-chip sizes on one mesh."""
+
+    cfg: ModelConfig
+    mesh_shape: dict
+    lora: bool
+
+    @functools.cached_property
+    def params(self) -> tuple[ParamInfo, ...]:
+        return model_params(self.cfg)
+
+    def local_count(self, p: ParamInfo) -> float:
+        return p.size / shard_factor(p.axes, p.shape, self.mesh_shape)
+
+    @property
+    def a(self) -> int:
+        return _dtype_bytes(self.cfg.dtype)
+
+    @functools.cached_property
+    def param_bytes(self) -> float:
+        return sum(self.local_count(p) * p.itemsize for p in self.params)
+
+    @functools.cached_property
+    def trainable_count(self) -> float:
+        return sum(self.local_count(p) for p in self.params if p.lora or not self.lora)
+
+    @functools.cached_property
+    def frozen_count(self) -> float:
+        return sum(self.local_count(p) for p in self.params if not p.lora)
+
+    @property
+    def opt_bytes(self) -> float:
+        return 8 * self.trainable_count  # AdamW mu + nu in fp32
+
+    def gathered_layer_bytes(self, layers: int) -> float:
+        """``layers`` decoder layers' weights in the compute dtype, gathered over fsdp (FSDP
+        all-gathers them for each matmul; tensor sharding stays)."""
+        no_fsdp = {**self.mesh_shape, "fsdp": 1}
+        per_layer = sum(p.size / shard_factor(p.axes, p.shape, no_fsdp) for p in self.params
+                        if p.path.startswith("layers/0/") and not p.lora)
+        return layers * per_layer * self.a
+
+    @functools.cached_property
+    def head_count(self) -> float:
+        """Local entries of the output projection (the embedding when tied)."""
+        name = "embed" if self.cfg.tie_word_embeddings else "lm_head"
+        return sum(self.local_count(p) for p in self.params if p.path == name)
+
+    @functools.cached_property
+    def embedding_gather_bytes(self) -> float:
+        """The embedding table gathered over fsdp for the token lookup (XLA all-gathers the table
+        in the param dtype; only the vocab stays split over tensor)."""
+        (embed,) = [p for p in self.params if p.path == "embed"]
+        no_fsdp = {**self.mesh_shape, "fsdp": 1}
+        return embed.size / shard_factor(embed.axes, embed.shape, no_fsdp) * embed.itemsize
+
+    @property
+    def dims(self):
+        ms, c = self.mesh_shape, self.cfg
+        return types.SimpleNamespace(
+            d=c.hidden_size, h=c.head_dim, L=c.num_layers,
+            n=_local(c.num_heads, "heads", ms), k=_local(c.num_kv_heads, "kv_heads", ms),
+            f=_local(c.intermediate_size, "mlp", ms), v=_local(c.vocab_size, "vocab", ms))
+
+
+def _fused(cfg: ModelConfig, platform: str) -> bool:
+    impl = cfg.attention_impl if cfg.attention_impl != "auto" else {"tpu": "splash", "gpu": "cudnn"}.get(platform, "chunked")
+    return impl in ("splash", "cudnn") and platform in ("tpu", "gpu")
+
+
+def latency_hiding_overlap(cfg: ModelConfig, platform: str, xla_options: dict | None) -> float:
+    """Extra recompute working sets TPU XLA's latency-hiding scheduler keeps live.
+
+    To overlap FSDP all-gathers with compute it runs ahead: measured on v5p with Qwen2.5-7B over
+    28 layers it held ~4 more working sets than the sequential schedule (SFT at 2 x 32k tokens per
+    chip: 106 GiB of temporaries with it, 34 GiB with ``xla_tpu_enable_latency_hiding_scheduler:
+    false``; the GRPO update at 1 x 32k: 22 GiB vs a 13 GiB sequential estimate). Fewer layers
+    leave less to run ahead of, so the term scales with ``L / 16`` up to 4."""
+    if platform != "tpu":
+        return 0.0
+    flag = (xla_options or {}).get("xla_tpu_enable_latency_hiding_scheduler", True)
+    if str(flag).lower() in ("false", "0"):
+        return 0.0
+    return 4.0 * min(1.0, cfg.num_layers / 16)
+
+
+def _train_temporaries(s: ModelShape, rows: int, seq: int, accumulate: bool, loss_tokens: int, chunk: int,
+                       platform: str, xla_options: dict | None = None) -> list[MemoryLine]:
+    """Temporaries of one jitted training step: ``rows`` x ``seq`` tokens per chip per pass."""
+    x, a, cfg = s.dims, s.a, s.cfg
+    t = rows * seq
+    fused = _fused(cfg, platform)
+    attn = 4 * x.n * (1 if fused else seq)  # per token and layer
+    keep = {"none": a * (2 * x.f + 3 * x.d + 2 * x.n * x.h + 2 * x.k * x.h) + attn,
+            "dots_saveable": a * (2 * x.f + 2 * x.d + x.n * x.h + 2 * x.k * x.h) + attn,
+            "full": a * x.d}[cfg.remat]
+    work = a * 3 * x.f if cfg.remat == "none" else a * (6 * x.f + 2 * x.d + 2 * x.n * x.h) + attn
+    grads = 4 * s.trainable_count * (3 if accumulate else 2)
+    logits_tokens = min(loss_tokens, chunk, t)
+    overlap = latency_hiding_overlap(cfg, platform, xla_options) if cfg.remat != "none" else 0.0
+    lines = [
+        MemoryLine("embedding gather", s.embedding_gather_bytes, "table gathered over fsdp for the lookup"),
+        MemoryLine("gathered weights", s.gathered_layer_bytes(x.L if accumulate else 2),
+                   f"{'every layer' if accumulate else 'two layers'} in {cfg.dtype}, gathered over fsdp"),
+        MemoryLine("gradients", grads, "fp32" + (" + accumulator" if accumulate else "") + " + AdamW update"),
+        MemoryLine("activations", t * (x.L * keep + work),
+                   f"remat {cfg.remat}; {rows}x{seq} tokens/chip; {'fused' if fused else 'blockwise'} attention"),
+        MemoryLine("LM head", 2 * 4 * logits_tokens * x.v + (4 + a) * s.head_count,
+                   f"{logits_tokens}-token fp32 logits block and its gradient; head in fp32 + {cfg.dtype}"),
+    ]
+    if overlap:
+        lines.append(MemoryLine("latency-hiding overlap", overlap * t * work,
+                                f"{overlap:g} more recompute working sets (TPU XLA's latency-hiding scheduler)"))
+    return lines
+
+
+def _forward_temporaries(s: ModelShape, tokens: int, platform: str, with_head: bool, chunk: int) -> list[MemoryLine]:
+    x, a = s.dims, s.a
+    attn = 4 * x.n * (1 if _fused(s.cfg, platform) else tokens)
+    lines = [
+        MemoryLine("embedding gather", s.embedding_gather_bytes, "table gathered over fsdp for the lookup"),
+        MemoryLine("gathered weights", s.gathered_layer_bytes(2), "two layers in flight"),
+        MemoryLine("activations", tokens * (a * (4 * x.f + 4 * x.d + 2 * x.n * x.h + 2 * x.k * x.h) + attn),
+                   f"one layer's working set, {tokens} tokens/chip"),
+    ]
+    if with_head:
+        lines.append(MemoryLine("LM head", 4 * min(chunk, tokens) * x.v, "one fp32 logits block"))
+    return lines
+
+
+def kv_cache_bytes(s: ModelShape, rows: int, slots: int) -> float:
+    x = s.dims
+    k = _local(s.cfg.num_kv_heads, "cache_kv_heads", s.mesh_shape)
+    return 2 * x.L * rows * slots * k * x.h * s.a
+
+
+def stage_model(run, stage: str) -> tuple[ModelConfig, bool]:
+    """The model config a stage trains (LoRA adapters added per its section) and whether LoRA."""
+    cfg = run.model
+    if stage == "sft" and run.sft.lora_rank:
+        return cfg.replace(lora_rank=run.sft.lora_rank, lora_alpha=run.sft.lora_alpha), True
+    if stage == "grpo" and run.grpo.lora_enabled:
+        return cfg.replace(lora_rank=run.grpo.lora_rank, lora_alpha=run.grpo.lora_alpha,
+                           lora_targets=tuple(run.grpo.lora_targets)), True
+    return cfg.replace(lora_rank=0), False
+
+
+def _div(a: int, b: int) -> int:
+    return max(1, -(-a // b))
+
+
+def stage_functions(run, stage: str, mesh_shape: dict, platform: str) -> list[FunctionEstimate]:
+    """The estimates of every program ``stage`` compiles."""
+    cfg, lora = stage_model(run, stage)
+    s = ModelShape(cfg, dict(mesh_shape), lora)
+    shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    params = MemoryLine("params", s.param_bytes, f"{cfg.param_dtype}, sharded by the rules")
+    opt = MemoryLine("optimizer (AdamW)", s.opt_bytes, "mu + nu in fp32" + (", LoRA adapters only" if lora else ""))
+    if stage == "sft":
+        sft = run.sft
+        batch = MemoryLine("batch", 6 * 4 * sft.grad_accum_steps * sft.per_device_batch * sft.max_seq_len, "int32")
+        lines = [params, opt, batch] + _train_temporaries(
+            s, sft.per_device_batch, sft.max_seq_len, sft.grad_accum_steps > 1, sft.max_seq_len, sft.loss_chunk_size,
+            platform, run.xla_options)
+        return [FunctionEstimate("sft_step", tuple(lines))]
+
+    g = run.grpo
+    G, P, C = g.rollouts_per_prompt, g.max_prompt_len, g.max_response_len
+    chunk = run.sft.loss_chunk_size
+    mini_rows = g.mini_batch_prompts * G
+    micro = g.micro_batch_rows or mini_rows
+    micro_local = _div(micro, shards)
+    ref_copy = 4 * s.trainable_count if (g.kl_coef and not lora) else 0.0  # frozen copy, param dtype
+    rows_local = _div(mini_rows, shards)
+    batch = MemoryLine("rollout rows", rows_local * ((P + C) * 8 + C * 16 + 4), "ids, masks, log-probs, advantages")
+    update = [params, opt, batch] + _train_temporaries(s, micro_local, P + C, micro < mini_rows, C, chunk, platform,
+                                                       run.xla_options)
+    out = [FunctionEstimate("grpo_update", tuple(update), ref_copy, "frozen KL reference" if ref_copy else "")]
+    all_rows = _div(g.global_batch_prompts * G, shards)
+    if g.kl_coef:
+        ref = [params, MemoryLine("rollout ids", all_rows * (P + C) * 8 + all_rows * C * 4, "ids, mask in; log-probs out")]
+        ref += _forward_temporaries(s, micro_local * (P + C), platform, True, chunk)
+        out.append(FunctionEstimate("grpo_ref_logprobs", tuple(ref), s.opt_bytes + ref_copy, "optimizer state"))
+    prompts_local = _div(g.global_batch_prompts, shards)
+    resident, note = s.opt_bytes + ref_copy, "optimizer state" + (" + KL reference" if ref_copy else "")
+    cache_rows = kv_cache_bytes(s, prompts_local * G, P + C)
+    prefill = [params,
+               MemoryLine("KV cache (output)", cache_rows, f"{prompts_local} prompts x G={G} rows x {P}+{C} slots"),
+               MemoryLine("prefill cache", kv_cache_bytes(s, prompts_local, P + C), "before the repeat for G rollouts")]
+    prefill += _forward_temporaries(s, prompts_local * P, platform, False, chunk)
+    out.append(FunctionEstimate("sampler_prefill", tuple(prefill), resident, note))
+    rows = prompts_local * G
+    decode = [params,
+              MemoryLine("KV cache (donated)", cache_rows, f"{rows} rows x {P}+{C} slots"),
+              MemoryLine("KV cache (loop copy)", cache_rows, "the while loop's second buffer"),
+              MemoryLine("step temporaries", rows * (6 * 4 * s.dims.v + 8 * C) + s.gathered_layer_bytes(2)
+                         + s.embedding_gather_bytes,
+                         "fp32 logits and the draw's vocabulary-wide buffers, tokens/log-probs, two gathered "
+                         "layers, the gathered embedding table")]
+    out.append(FunctionEstimate("sampler_decode", tuple(decode), resident, note))
+    return out
+
+
+def function_estimates(run, topology, phases) -> dict[str, float]:
+    """Function name -> estimated per-chip bytes of that program alone (what XLA's
+    ``memory_analysis`` accounts), for ``grouprank compile``'s comparison column."""
+    from grouprank_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
+
+    mesh_shape = dict(zip(MESH_AXES, resolve_mesh_shape(run.mesh, topology.num_devices)))
+    out = {}
+    for phase in phases:
+        for fn in stage_functions(run, phase, mesh_shape, topology.chip.platform):
+            out[fn.name] = fn.bytes
+    return out
