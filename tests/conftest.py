@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 
@@ -26,12 +26,37 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(f"tests need 8 (fake CPU) devices, got {jax.device_count()}; was jax imported before conftest?")
 
 
+# Tests that read ../shared (real evaluation data, the paper notes) or an oracle package fail
+# when it is missing: a missing oracle must never turn into a silently skipped check. Someone
+# running a lone copy of the repository can opt into skips with GROUPRANK_TESTS_ALLOW_SKIP=1.
+ALLOW_SKIP = os.environ.get("GROUPRANK_TESTS_ALLOW_SKIP") == "1"
+
+
+def missing(reason: str):
+    """Fail (default, and always under CI) or skip (opt-in) a test whose input is absent."""
+    if ALLOW_SKIP and not os.environ.get("CI"):
+        pytest.skip(reason)
+    pytest.fail(f"{reason} (set GROUPRANK_TESTS_ALLOW_SKIP=1 to skip such tests outside CI)")
+
+
+def shared_path(*parts: str) -> Path:
+    """A file or directory under ../shared that the calling test needs."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        missing(f"{path} is not present (../shared sits beside every checkout and CI's clone)")
+    return path
+
+
+def require_module(name: str):
+    """Import an oracle package of the test extra, or fail."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        missing(f"oracle package {name!r} is not installed ({err}); pip install -e '.[test]'")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    # ../shared sits beside every checkout and CI's clone: absence is an error under CI, and a
-    # skip only for someone running the tests from a lone copy of the repo.
-    if not SHARED_DATA.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{SHARED_DATA} is not present (CI provides ../shared beside the clone)")
-        pytest.skip(f"{SHARED_DATA} is not present")
-    return SHARED_DATA
+    return shared_path("data")

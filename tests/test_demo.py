@@ -4,8 +4,10 @@ GRPO -> rerank + eval -> HF export.
 Asserts what the demo achieves on 2 CPU cores: SFT learns the output format (the trained
 models' held-out groups parse, the random-init model's do not) and the relevance judgement (the
 SFT and GRPO models' held-out NDCG@10 beats the random-init model's, which keeps the random
-first-stage order); GRPO raises the mean reward (last 4 steps vs first 4: it learns the
-calibration the noisy SFT teacher lacks, grouprank_jax/demo/data.py); every stage runs, the
+first-stage order); GRPO learns the calibration the noisy SFT teacher lacks
+(grouprank_jax/demo/data.py): its sampled (T=1) held-out NDCG@10 beats SFT's by a margin of
+several standard deviations of the evaluation noise, and its mean reward rises (last 4 steps vs
+first 4) by more than the sampling noise; every stage runs, the
 curves are written, and the exported model reloaded by transformers reproduces our logits.
 """
 
@@ -30,7 +32,16 @@ def test_short_demo_learns_and_exports(tmp_path):
     assert ndcg["random-init"] == pytest.approx(ndcg["first-stage (random order)"])  # unparsable: order kept
     assert ndcg["sft"] > ndcg["random-init"] + 0.2, ndcg  # measured: see README
     assert ndcg["grpo"] > ndcg["random-init"] + 0.2, ndcg
+    # What GRPO is there for: calibrated scores. Sampled (T=1) held-out NDCG@10, mean over 8
+    # evaluation seeds: measured SFT 0.510 (std over seeds 0.064), GRPO 0.698 (0.047); the std of
+    # the difference of 8-seed means is 0.028, so a margin of 0.09 is 3.2 of it (and the
+    # measured gap leaves 3.5 more).
+    sampled = summary["ndcg@10_sampled"]
+    assert sampled["grpo"] - sampled["sft"] > 0.09, (sampled, summary["ndcg@10_sampled_std"])
+    # The reward rises: last-4 vs first-4 step means, measured 1.088 -> 1.187; the sampling noise
+    # of that difference is 0.029 (48 rollouts a step, per-step std ~0.29), so a GRPO that did
+    # nothing would clear this margin with probability ~15 %, the measured one fails it with ~1 %.
     r_first, r_last = summary["grpo_reward_first_last"]
-    assert r_last > r_first, summary["grpo_reward_first_last"]
-    assert summary["export"]["max_abs_logit_diff"] < 1e-3
+    assert r_last - r_first > 0.03, summary["grpo_reward_first_last"]
+    assert summary["export"]["max_abs_logit_diff"] < 5e-5  # measured 9.5e-6 - 1.6e-5
     assert (tmp_path / "demo" / "curves.png").stat().st_size > 0

@@ -11,18 +11,22 @@ from grouprank_jax.cli import main
 from grouprank_jax.data import formats
 from grouprank_jax.eval import evaluate
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DL19_RUN = SHARED / "trec_dl" / "rank_llm.BM25.trec_results_dl19.txt"
-DL19_QRELS = SHARED / "trec_dl" / "anserini-tools.qrels.dl19-passage.txt"
-DL19_JSON = SHARED / "trec_dl" / "rank_llm.BM25.retrieve_results_dl19.json"
-NOVELEVAL = SHARED / "noveleval"
-needs_data = pytest.mark.skipif(not DL19_RUN.is_file(), reason="shared data not present")
+from conftest import shared_path
+
+DL19 = ("data", "trec_dl")
 
 
-@needs_data
-def test_dl19_bm25_ndcg_matches_pytrec_eval(capsys):
+@pytest.fixture
+def dl19():
+    return {"run": shared_path(*DL19, "rank_llm.BM25.trec_results_dl19.txt"),
+            "qrels": shared_path(*DL19, "anserini-tools.qrels.dl19-passage.txt"),
+            "json": shared_path(*DL19, "rank_llm.BM25.retrieve_results_dl19.json")}
+
+
+def test_dl19_bm25_ndcg_matches_pytrec_eval(capsys, dl19):
     import pytrec_eval
 
+    DL19_RUN, DL19_QRELS = dl19["run"], dl19["qrels"]
     run, qrels = formats.read_run(DL19_RUN), formats.read_qrels(DL19_QRELS)
     result = evaluate(run, qrels, ("ndcg_cut_10", "recall_100"))
     direct = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run)
@@ -94,8 +98,8 @@ def test_beir_collection_and_rank_llm_round_trip(tmp_path):
         formats.read_collection(tmp_path / "nowhere")
 
 
-@needs_data
-def test_rank_llm_dl19_matches_its_trec_run():
+def test_rank_llm_dl19_matches_its_trec_run(dl19):
+    DL19_JSON, DL19_RUN = dl19["json"], dl19["run"]
     entries = formats.read_rank_llm(DL19_JSON)
     assert len(entries) == 43 and all(len(e.hits) == 100 for e in entries)
     from_json = formats.rank_llm_to_run(entries)
@@ -104,8 +108,8 @@ def test_rank_llm_dl19_matches_its_trec_run():
     assert all(from_json[q].keys() == from_trec[q].keys() for q in from_json)
 
 
-@pytest.mark.skipif(not (NOVELEVAL / "corpus.tsv").is_file(), reason="shared data not present")
 def test_bm25_retrieve_cli_on_noveleval(tmp_path, capsys):
+    NOVELEVAL = shared_path("data", "noveleval")
     out = tmp_path / "bm25.txt"
     assert main(["retrieve", "--data", str(NOVELEVAL), "--out", str(out), "--top-k", "20"]) == 0
     run = formats.read_run(out)

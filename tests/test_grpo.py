@@ -5,6 +5,7 @@ and LoRA's reference policy is the base model."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -92,21 +93,34 @@ def test_update_on_8_device_mesh_equals_single_device(lora):
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_micro_batches_equal_one_pass(agg):
+    """Micro-batched gradient accumulation (strided micro-batches, a global denominator) is the
+    same update as one pass: SGD's new params are ``-lr * grad`` away from the old ones, so they
+    compare the gradients directly, and AdamW's first moments (``(1 - b1) * grad``) and second
+    moments (``(1 - b2) * grad**2``) compare the optimizer state."""
     model = create_model(model_preset("tiny-smallvocab"), seed=7)
     grpo = GRPOConfig(kl_coef=0.001, loss_agg_mode=agg)
     P, rows = _rollout_batch(np.random.default_rng(2))
-    tx = make_optimizer(1e-3, 10, max_grad_norm=None)
-    outs = []
-    for micro in (None, 2):
-        state = init_train_state(model, tx, lora=False)
-        batch = {k: jnp.asarray(v) for k, v in rows.items()}
-        old, _ = completion_logprobs(state.trainable, state.frozen, state.graphdef, batch["seq_ids"], batch["seq_mask"], P, 8)
-        batch["old_logp"], batch["ref_logp"] = old - 0.01, old + 0.02
-        update = make_grpo_update(state.graphdef, tx, loss_kwargs(grpo), P, 8, donate=False, micro_rows=micro)
-        outs.append(jax.device_get(update(state.trainable, state.frozen, state.opt_state, batch)))
-    (t1, _, m1), (t2, _, m2) = outs
+    outs = {}
+    for name, tx in (("sgd", optax.sgd(1.0)), ("adamw", make_optimizer(1e-3, 10, max_grad_norm=None))):
+        for micro in (None, 2):
+            state = init_train_state(model, tx, lora=False)
+            batch = {k: jnp.asarray(v) for k, v in rows.items()}
+            old, _ = completion_logprobs(state.trainable, state.frozen, state.graphdef, batch["seq_ids"], batch["seq_mask"], P, 8)
+            batch["old_logp"], batch["ref_logp"] = old - 0.01, old + 0.02
+            update = make_grpo_update(state.graphdef, tx, loss_kwargs(grpo), P, 8, donate=False, micro_rows=micro)
+            outs[name, micro] = jax.device_get(update(state.trainable, state.frozen, state.opt_state, batch))
+    (t1, _, m1), (t2, _, m2) = outs["sgd", None], outs["sgd", 2]
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-4)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(t1), jax.tree.leaves(nnx.state(model, nnx.Param))))
+    assert moved > 1e-4  # the update did something
+    for a, b in zip(jax.tree.leaves(t1), jax.tree.leaves(t2)):
+        np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5)
+    (_, o1, _), (_, o2, _) = outs["adamw", None], outs["adamw", 2]
+    assert len(jax.tree.leaves(o1)) > 2
+    for a, b in zip(jax.tree.leaves(o1), jax.tree.leaves(o2)):
+        # float summation order: errors relative to the largest entry, not to each entry
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(np.abs(b).max()) + 1e-30, rtol=1e-4)
 
 
 def test_lora_reference_is_base_model():

@@ -3,9 +3,12 @@ SFT then GRPO of the tiny model, with a checkpoint save, a restart and a restore
 of GRPO (two strided mini-batches per rollout batch); the final parameters equal those of
 1 process x 8 devices running the same config.
 
-The worker swaps GRPO's reward for a deterministic function of the completion text: a
-random-weight model's rollouts all fail to parse, so the real reward would give every rollout
-the same value and zero advantages (no update to compare). The real reward has its own tests.
+GRPO uses the real reward. The random-weight model's rollouts all fail to parse, so every
+rollout earns the format penalty (-0.5) and the advantages are 0; the update is driven by the
+entropy bonus and the KL term, which still run every per-row computation of the update (log-probs
+of the sampled rows, masks, strided mini-batches, the global denominator) across the processes.
+The advantage-weighted policy term with non-zero advantages is compared between meshes in
+test_grpo.py::test_update_on_8_device_mesh_equals_single_device.
 """
 
 import os
@@ -18,7 +21,7 @@ from mp_workers import run_workers
 
 WORKER = textwrap.dedent(
     """
-    import json, sys, zlib
+    import json, sys
     import jax
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", int(sys.argv[2]))
@@ -37,14 +40,6 @@ WORKER = textwrap.dedent(
     dist.initialize_distributed()
     run_dir = sys.argv[3]
     mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
-    real_score = rl_trainer.score_rollouts
-
-    def text_reward(texts, groups, G, reward_cfg, pad_to=None):
-        out = real_score(texts, groups, G, reward_cfg, pad_to=pad_to)
-        out["reward"] = np.asarray([(zlib.crc32(t.encode()) % 1000) / 1000 for t in texts], np.float32)
-        return out
-
-    rl_trainer.score_rollouts = text_reward
     docs = [f"passage {j} about topic{j % 3}" for j in range(6)]
     sft_rows = [{"query": f"topic{i % 3}", "documents": docs[:4], "scores": [8 if j % 3 == i % 3 else 0 for j in range(4)]}
                 for i in range(16)]
@@ -56,7 +51,7 @@ WORKER = textwrap.dedent(
                 "total_steps": 2, "learning_rate": 1e-3, "loss_chunk_size": 128},
         "grpo": {"rollouts_per_prompt": 2, "global_batch_prompts": 4, "mini_batch_prompts": 2, "max_prompt_len": 128,
                  "max_response_len": 12, "group_size_min": 3, "group_size_max": 4, "learning_rate": 1e-3,
-                 "kl_coef": 0.001},
+                 "kl_coef": 0.001, "entropy_coef": 0.05},
         "checkpoint": {"save_every": 1, "keep": 2},
     })
     sft = train_sft(cfg, records=records_from_rows(sft_rows, purpose="sft"), mesh=mesh, progress=False)
@@ -106,7 +101,7 @@ def test_two_processes_train_like_one(tmp_path):
     for r in multi:
         np.testing.assert_allclose(r["sft_loss"], single["sft_loss"], rtol=1e-5)
         np.testing.assert_allclose(r["rewards"], single["rewards"], rtol=1e-6)
-    assert len(set(single["rewards"])) > 1 or single["rewards"][0] > 0  # non-trivial advantages
+    assert single["rewards"] == [-0.5, -0.5]  # the real reward: a random model's rollouts do not parse
 
     a, b = np.load(tmp_path / "multi" / "params.npz"), np.load(tmp_path / "single" / "params.npz")
     assert sorted(a.files) == sorted(b.files) and a.files
@@ -116,10 +111,10 @@ def test_two_processes_train_like_one(tmp_path):
     print(f"max |param diff| 2x4 vs 1x8: after SFT {worst_sft:.2e}, after GRPO (with a restore) {worst:.2e}")
     # Equal up to float summation order: the gloo all-reduce adds the two processes' partial
     # gradients in a different order than one process does, and Adam's normalisation magnifies
-    # such differences where a gradient is near zero (LoRA A at its first non-zero step). Bound:
-    # 5 % of one Adam step at the runs' learning rate (1e-3); measured 1.1e-6 (1.8e-5 with one mini-batch).
-    assert worst_sft <= 1e-5, worst_sft
-    assert worst <= 5e-5, worst
+    # such differences where a gradient is near zero. Measured 1.9e-6 after SFT and after GRPO;
+    # bound 5e-6 (README).
+    assert worst_sft <= 5e-6, worst_sft
+    assert worst <= 5e-6, worst
     # GRPO (LoRA, the default) really trained: its B adapters start at 0 (not a vacuous comparison).
     moved = max(float(np.abs(a[k]).max()) for k in a.files if k.endswith("_lora_b"))
     assert moved > 1e-4, moved

