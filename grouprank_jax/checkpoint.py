@@ -38,6 +38,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,6 @@ def _all_processes_ok(ok: bool) -> bool:
     """True only if ``ok`` holds on every process, so that all processes fall back together."""
     if jax.process_count() == 1:
         return ok
-    from jax.experimental import multihost_utils
 
     flags = multihost_utils.process_allgather(np.asarray(1 if ok else 0, np.int32))
     return bool(np.all(flags))
@@ -100,8 +100,9 @@ class Checkpointer:
     at the end of training (it waits too).
     """
 
-    def __init__(self, directory: str | os.PathLike, save_every: int = 1000, keep: int | None = 3,
-                 async_save: bool = True):
+    def __init__(
+        self, directory: str | os.PathLike, save_every: int = 1000, keep: int | None = 3, async_save: bool = True
+    ):
         if save_every < 1:
             raise ValueError(f"save_every={save_every} must be >= 1")
         if keep is not None and keep < 1:
@@ -128,12 +129,10 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._mgr.all_steps())
 
-    def should_save(self, step: int) -> bool:
-        return step % self.save_every == 0 and step not in self._mgr.all_steps()
-
     # -- save ----------------------------------------------------------------------------------
-    def save(self, step: int, state: Any, data_iterator: Any = None, metadata: dict | None = None,
-             force: bool = False) -> bool:
+    def save(
+        self, step: int, state: Any, data_iterator: Any = None, metadata: dict | None = None, force: bool = False
+    ) -> bool:
         """Save if ``step`` is a multiple of ``save_every`` (or ``force``); return whether it did.
 
         ``data_iterator`` is a grain ``DatasetIterator`` (``iter(ds.to_iter_dataset())``) or
@@ -161,8 +160,7 @@ class Checkpointer:
         return bool(saved)
 
     # -- restore -------------------------------------------------------------------------------
-    def restore(self, step: int | None = None, target: Any = None,
-                data_iterator: Any = None) -> Restored:
+    def restore(self, step: int | None = None, target: Any = None, data_iterator: Any = None) -> Restored:
         """Restore ``step`` (default: the latest) onto the shardings given by ``target``.
 
         ``target`` is a pytree matching the saved state whose leaves are
@@ -205,11 +203,12 @@ class Checkpointer:
             first_error = first_error or error
             failed.append(candidate)
             older = [s for s in steps if s < candidate]
-            reason = (f"{type(error).__name__}: {str(error)[:400]}" if error is not None
-                      else "failed on another process")  # tensorstore errors embed huge specs
-            msg = (f"checkpoint step {candidate} in {self.directory} could not be restored "
-                   f"({reason}); "
-                   + (f"falling back to step {older[-1]}" if older else "no older step left"))
+            reason = (
+                f"{type(error).__name__}: {str(error)[:400]}" if error is not None else "failed on another process"
+            )  # tensorstore errors embed huge specs
+            msg = f"checkpoint step {candidate} in {self.directory} could not be restored ({reason}); " + (
+                f"falling back to step {older[-1]}" if older else "no older step left"
+            )
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             log.warning(msg)
         raise RuntimeError(
@@ -221,14 +220,15 @@ class Checkpointer:
     def _restore_step(self, step: int, target: Any, data_iterator: Any) -> Restored:
         present = set(self._item_names(step))
         items: dict[str, Any] = {
-            "state": ocp.args.StandardRestore(target) if target is not None
-            else ocp.args.StandardRestore()
+            "state": ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
         }
         if data_iterator is not None:
             if "data" not in present:
-                raise MissingItemError(f"step {step} has no data iterator state (it was saved without "
-                               "data_iterator=); restore without data_iterator= to start the data "
-                               "from its beginning")
+                raise MissingItemError(
+                    f"step {step} has no data iterator state (it was saved without "
+                    "data_iterator=); restore without data_iterator= to start the data "
+                    "from its beginning"
+                )
             import grain
 
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -236,8 +236,7 @@ class Checkpointer:
             items["meta"] = ocp.args.JsonRestore()
         out = self._mgr.restore(step, args=ocp.args.Composite(**items))
         log.info("checkpoint: restored step %d from %s", step, self.directory)
-        return Restored(step=step, state=out["state"],
-                        metadata=out["meta"] if "meta" in items else None)
+        return Restored(step=step, state=out["state"], metadata=out["meta"] if "meta" in items else None)
 
     def _item_names(self, step: int) -> list[str]:
         step_dir = self.directory / str(step)
@@ -259,8 +258,6 @@ class Checkpointer:
                 (self.directory / str(step)).rename(dest)
                 log.warning("checkpoint: moved damaged step %d to %s", step, dest)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("grouprank_checkpoint_quarantine")
         self._mgr.reload()
 
@@ -272,7 +269,7 @@ class Checkpointer:
     def close(self) -> None:
         self._mgr.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc: object) -> None:

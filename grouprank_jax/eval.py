@@ -8,7 +8,7 @@ scored queries.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from grouprank_jax.data.formats import Qrels, Run
 
@@ -28,9 +28,7 @@ def _measure_name(metric: str) -> str:
     return f"{head}.{tail}" if sep and tail.isdigit() else metric
 
 
-def evaluate(
-    run: Run, qrels: Qrels, metrics: Sequence[str] = DEFAULT_METRICS, relevance_level: int = 1
-) -> Evaluation:
+def evaluate(run: Run, qrels: Qrels, metrics: Sequence[str] = DEFAULT_METRICS, relevance_level: int = 1) -> Evaluation:
     import pytrec_eval
 
     unknown = [m for m in metrics if _measure_name(m).split(".")[0] not in pytrec_eval.supported_measures]

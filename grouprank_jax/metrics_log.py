@@ -21,8 +21,11 @@ import math
 import os
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+import jax
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +46,11 @@ def _to_scalar(name: str, value: Any) -> float | int:
         return value
     size = getattr(value, "size", None)
     if size is None:
-        raise TypeError(f"metric {name!r}: expected a number or a scalar array, got "
-                        f"{type(value).__name__}")
+        raise TypeError(f"metric {name!r}: expected a number or a scalar array, got {type(value).__name__}")
     if size != 1:
-        raise ValueError(f"metric {name!r} has shape {getattr(value, 'shape', '?')}; log scalars "
-                         "(reduce with .mean() first)")
+        raise ValueError(
+            f"metric {name!r} has shape {getattr(value, 'shape', '?')}; log scalars (reduce with .mean() first)"
+        )
     kind = getattr(getattr(value, "dtype", None), "kind", "f")
     return int(value.item()) if kind in "iub" else float(value.item())
 
@@ -61,11 +64,8 @@ def _json_value(x: float | int) -> float | int | str:
 class MetricsLogger:
     """Write scalars to ``run_dir/metrics.jsonl`` and TensorBoard ``run_dir/tb``."""
 
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool | None = None,
-                 tensorboard: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool | None = None, tensorboard: bool = True):
         if enabled is None:
-            import jax  # lazy: plotting a finished run must not need jax
-
             enabled = jax.process_index() == 0
         self.run_dir = Path(run_dir)
         self.enabled = enabled
@@ -108,7 +108,7 @@ class MetricsLogger:
             self._tb.close()
             self._tb = None
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -131,8 +131,9 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, tuple[list[int], list[
     """
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found; is {run_dir} a run directory written by "
-                                "MetricsLogger (grouprank sft/grpo --run-dir)?")
+        raise FileNotFoundError(
+            f"{path} not found; is {run_dir} a run directory written by MetricsLogger (grouprank sft/grpo --run-dir)?"
+        )
     series: dict[str, dict[int, float]] = {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -148,19 +149,16 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, tuple[list[int], list[
                 number = None if name in ("step", "time") else _from_json(value)
                 if number is not None:
                     series.setdefault(name, {})[step] = number
-    return {name: (sorted(points), [points[s] for s in sorted(points)])
-            for name, points in series.items()}
+    return {name: (sorted(points), [points[s] for s in sorted(points)]) for name, points in series.items()}
 
 
 def _grouped(names: list[str]) -> list[tuple[str, list[str]]]:
-    groups = [(prefix.rstrip("/"), sorted(n for n in names if n.startswith(prefix)))
-              for prefix in GROUP_PREFIXES]
+    groups = [(prefix.rstrip("/"), sorted(n for n in names if n.startswith(prefix))) for prefix in GROUP_PREFIXES]
     other = sorted(n for n in names if not n.startswith(GROUP_PREFIXES))
     return [(g, members) for g, members in groups + [("other", other)] if members]
 
 
-def plot_run(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None,
-             max_cols: int = 4) -> Path:
+def plot_run(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = None, max_cols: int = 4) -> Path:
     """Render every metric curve of a run into one PNG grid; returns the PNG path.
 
     One subplot per metric; each phase (``sft/...``, ``grpo/...``, then the rest) starts on a
@@ -179,9 +177,8 @@ def plot_run(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = Non
     ncols = min(max_cols, max(len(members) for _, members in groups))
     rows: list[list[str]] = []
     for _, members in groups:
-        rows += [members[i:i + ncols] for i in range(0, len(members), ncols)]
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(4 * ncols, 2.8 * len(rows)),
-                             squeeze=False)
+        rows += [members[i : i + ncols] for i in range(0, len(members), ncols)]
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(4 * ncols, 2.8 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         for c in range(ncols):
             ax = axes[r][c]
@@ -193,8 +190,9 @@ def plot_run(run_dir: str | os.PathLike, out_png: str | os.PathLike | None = Non
             values = [v if math.isfinite(v) else math.nan for v in values]
             ax.plot(steps, values, marker="." if len(steps) < 50 else None, linewidth=1.2)
             # A diverged metric must not look like an empty plot: count its nan/inf points.
-            ax.set_title(row[c] + (f"  ({bad} non-finite)" if bad else ""), fontsize=9,
-                         color="tab:red" if bad else "black")
+            ax.set_title(
+                row[c] + (f"  ({bad} non-finite)" if bad else ""), fontsize=9, color="tab:red" if bad else "black"
+            )
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)

@@ -33,7 +33,9 @@ import threading
 from types import FrameType
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +61,25 @@ class PreemptionGuard:
     # -- signal plumbing -------------------------------------------------------------------------
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         del frame
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
         if not self._local.is_set():
             # Logging from a signal handler is acceptable in CPython: handlers run between
             # bytecodes in the main thread, not asynchronously inside the logging lock.
-            log.warning("received %s: will save and stop after the current step",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s: will save and stop after the current step%s",
+                signal.Signals(signum).name,
+                " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "",
+            )
         self.received = signum
         self._local.set()
 
-    def __enter__(self) -> "PreemptionGuard":
+    def __enter__(self) -> PreemptionGuard:
         if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("PreemptionGuard must be entered in the main thread: Python only "
-                               "delivers signals there (run the training loop in the main thread)")
+            raise RuntimeError(
+                "PreemptionGuard must be entered in the main thread: Python only "
+                "delivers signals there (run the training loop in the main thread)"
+            )
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -101,7 +110,6 @@ class PreemptionGuard:
         """
         if self._agreed:
             return True
-        import jax
 
         if jax.process_count() == 1:
             self._agreed = self._local.is_set()
@@ -109,10 +117,8 @@ class PreemptionGuard:
         self._reads += 1
         if self._reads % self.sync_every:
             return False
-        from jax.experimental import multihost_utils
 
-        flags = multihost_utils.process_allgather(
-            np.asarray(1 if self._local.is_set() else 0, np.int32))
+        flags = multihost_utils.process_allgather(np.asarray(1 if self._local.is_set() else 0, np.int32))
         self._agreed = bool(np.any(flags))
         if self._agreed and not self._local.is_set():
             log.warning("another process received a stop signal: stopping after this step")

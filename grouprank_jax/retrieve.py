@@ -22,9 +22,7 @@ def _stemmer():
     return Stemmer.Stemmer("english").stemWords
 
 
-def bm25_run(
-    corpus: dict[str, str], queries: dict[str, str], top_k: int = 100, k1: float = 0.9, b: float = 0.4
-) -> Run:
+def bm25_run(corpus: dict[str, str], queries: dict[str, str], top_k: int = 100, k1: float = 0.9, b: float = 0.4) -> Run:
     """Top-``top_k`` BM25 documents per query (k1=0.9, b=0.4: Pyserini's defaults)."""
     import bm25s
 

@@ -5,13 +5,11 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -23,7 +21,9 @@ def pytest_sessionstart(session):
 
     # Sharding tests compare 8 devices with 1; a missing flag must fail loudly, not skip them.
     if jax.device_count() < 8:
-        raise pytest.UsageError(f"tests need 8 (fake CPU) devices, got {jax.device_count()}; was jax imported before conftest?")
+        raise pytest.UsageError(
+            f"tests need 8 (fake CPU) devices, got {jax.device_count()}; was jax imported before conftest?"
+        )
 
 
 # Tests that read ../shared (real evaluation data, the paper notes) or an oracle package fail

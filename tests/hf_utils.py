@@ -7,19 +7,40 @@ from pathlib import Path
 import numpy as np
 
 
-def make_hf_model(out_dir: Path, *, hidden=64, layers=2, heads=4, kv_heads=2, inter=128, vocab=512,
-                  tied=False, seed=0, dtype="float32", bias_scale=0.1):
+def make_hf_model(
+    out_dir: Path,
+    *,
+    hidden=64,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    inter=128,
+    vocab=512,
+    tied=False,
+    seed=0,
+    dtype="float32",
+    bias_scale=0.1,
+):
     """A random-weight HF Qwen2ForCausalLM saved to ``out_dir`` (nonzero biases, so they are tested)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-        rms_norm_eps=1e-6, rope_parameters={"rope_theta": 1_000_000.0, "rope_type": "default"},
-        tie_word_embeddings=tied, attn_implementation="eager",
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_theta": 1_000_000.0, "rope_type": "default"},
+        tie_word_embeddings=tied,
+        attn_implementation="eager",
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():
@@ -55,6 +76,6 @@ def left_padded_batch(rng: np.random.Generator, lengths, vocab, total=None):
     ids = np.zeros((len(lengths), total), np.int64)
     mask = np.zeros((len(lengths), total), np.int64)
     for row, n in enumerate(lengths):
-        ids[row, total - n:] = rng.integers(3, vocab, size=n)
-        mask[row, total - n:] = 1
+        ids[row, total - n :] = rng.integers(3, vocab, size=n)
+        mask[row, total - n :] = 1
     return ids, mask

@@ -22,19 +22,29 @@ def run_workers(worker: str, num_processes: int, *args: str, timeout: float = 12
     procs = []
     for i in range(num_processes):
         env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-        env.update(GROUPRANK_COORDINATOR=f"127.0.0.1:{port}", GROUPRANK_NUM_PROCESSES=str(num_processes),
-                   GROUPRANK_PROCESS_ID=str(i))
+        env.update(
+            GROUPRANK_COORDINATOR=f"127.0.0.1:{port}",
+            GROUPRANK_NUM_PROCESSES=str(num_processes),
+            GROUPRANK_PROCESS_ID=str(i),
+        )
         if num_processes == 1:
             env.update(GROUPRANK_NUM_PROCESSES="1", GROUPRANK_COORDINATOR="")
-        procs.append(subprocess.Popen([sys.executable, "-c", worker, str(REPO), str(8 // num_processes), *args],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", worker, str(REPO), str(8 // num_processes), *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = []
     try:
         for p in procs:
             out, err = p.communicate(timeout=timeout)
             assert p.returncode == 0, f"worker failed (rc={p.returncode}):\n{err[-4000:]}"
             line = next(x for x in out.splitlines() if x.startswith("RESULT "))
-            results.append(json.loads(line[len("RESULT "):]))
+            results.append(json.loads(line[len("RESULT ") :]))
     finally:
         for p in procs:
             if p.poll() is None:

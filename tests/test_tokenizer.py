@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_module
 from grouprank_jax import tokenizer as T
+
+from conftest import require_module
 
 SYS = "You rank passages by relevance."
 USER = "Query: what is BM25?"
@@ -27,8 +28,9 @@ def oracle():
 
     ranks_file = Path(qt.__file__).parent / "resources" / "qwen.tiktoken"
     assert ranks_file.is_file(), ranks_file
-    pat_str = (
-        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    pat_str = (  # Qwen2's pre-tokenizer split regex
+        r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+        r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
     )
     ranks = load_tiktoken_bpe(str(ranks_file))
     assert len(ranks) == T.NUM_BPE_TOKENS
@@ -67,8 +69,12 @@ def test_chat_template(tok):
     assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == expected
     nl = 198
     want = (
-        [T.IM_START_ID, 8948, nl] + _ids(tok, SYS) + [T.IM_END_ID, nl]
-        + [T.IM_START_ID, 872, nl] + _ids(tok, USER) + [T.IM_END_ID, nl]
+        [T.IM_START_ID, 8948, nl]
+        + _ids(tok, SYS)
+        + [T.IM_END_ID, nl]
+        + [T.IM_START_ID, 872, nl]
+        + _ids(tok, USER)
+        + [T.IM_END_ID, nl]
         + [T.IM_START_ID, 77091, nl]
     )
     got = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]

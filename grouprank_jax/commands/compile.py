@@ -13,39 +13,53 @@ not fit in HBM, naming it and the config keys that size it.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 # This process compiles for a TPU slice it does not run on: keep JAX off the local TPU probe
-# (~11 s with libtpu installed and no TPU attached). Only effective before jax is imported.
+# (~11 s with libtpu installed and no TPU attached). Set before jax is imported.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse
+import sys
+
+from grouprank_jax.commands.plan import stages_for
+from grouprank_jax.config.run import load_run_config
+from grouprank_jax.errors import UserError
+from grouprank_jax.preflight.aot import compile_run, dump_hlo
+from grouprank_jax.preflight.topology import parse_topology
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("compile", help="compile a run's programs for a TPU topology; per-chip memory from XLA",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "compile",
+        help="compile a run's programs for a TPU topology; per-chip memory from XLA",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", required=True, metavar="YAML", help="run config (configs/*.yaml)")
     p.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-64, v5e-8, v6e-256x2")
-    p.add_argument("--phase", choices=("auto", "sft", "grpo", "all"), default="auto",
-                   help="programs to compile; auto: from the config file name (sft_*/grpo_*), else all")
+    p.add_argument(
+        "--phase",
+        choices=("auto", "sft", "grpo", "all"),
+        default="auto",
+        help="programs to compile; auto: from the config file name (sft_*/grpo_*), else all",
+    )
     p.add_argument("--dump-hlo", metavar="DIR", default=None, help="write each function's optimized HLO text here")
+    p.add_argument(
+        "--only",
+        metavar="NAMES",
+        default=None,
+        help="comma-separated functions to compile (sft_step, grpo_update, grpo_ref_logprobs, "
+        "sampler_prefill, sampler_decode); default: all of the phase",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. grpo.micro_batch_rows=16")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from grouprank_jax.commands.plan import stages_for
-    from grouprank_jax.preflight.aot import compile_run, dump_hlo
-    from grouprank_jax.preflight.topology import parse_topology
-    from grouprank_jax.run_config import load_run_config
 
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-        topology = parse_topology(args.topology)
-    except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
-        print(f"grouprank compile: {err}", file=sys.stderr)
-        return 2
+    cfg = load_run_config(args.config, args.overrides)
+    topology = parse_topology(args.topology)
     phases = stages_for(args.config, "both" if args.phase == "all" else args.phase)
 
     def progress(fn) -> None:
@@ -53,10 +67,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"compiled {fn.name} ({fn.shapes}) in {fn.seconds:.1f} s: {status}", file=sys.stderr, flush=True)
 
     try:
-        report = compile_run(cfg, topology, phases, keep_hlo=args.dump_hlo is not None, on_function=progress)
-    except (NotImplementedError, RuntimeError, ValueError) as err:
-        print(f"grouprank compile: {err}", file=sys.stderr)
-        return 2
+        only = args.only.split(",") if args.only else None
+        report = compile_run(cfg, topology, phases, keep_hlo=args.dump_hlo is not None, on_function=progress, only=only)
+    except (NotImplementedError, RuntimeError) as err:  # no TPU description for this topology here
+        raise UserError(str(err)) from err
     print(report.table())
     if args.dump_hlo:
         for path in dump_hlo(report, args.dump_hlo):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from grouprank_jax.demo.run import PRESETS, format_summary, run_demo
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="run the whole pipeline on a tiny model and bundled data (CPU, minutes)")
@@ -14,7 +16,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from grouprank_jax.demo.run import PRESETS, format_summary, run_demo
 
     cfg = PRESETS[args.preset]
     if args.run_dir:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from grouprank_jax.eval import DEFAULT_METRICS
+from grouprank_jax.data.formats import read_qrels, read_run
+from grouprank_jax.eval import DEFAULT_METRICS, evaluate
 
 
 def register(subparsers) -> None:
@@ -22,8 +23,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grouprank_jax.data.formats import read_qrels, read_run
-    from grouprank_jax.eval import evaluate
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     result = evaluate(read_run(args.run), read_qrels(args.qrels), metrics, args.relevance_level)

@@ -14,13 +14,19 @@ import json
 import logging
 from pathlib import Path
 
+from grouprank_jax.sampling import Sampler, SamplingParams
+from grouprank_jax.tokenizer import load_tokenizer
+from grouprank_jax.weights.loading import load_model
+
 log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="sample completions for a JSONL file of prompts")
-    p.add_argument("--model", required=True, help="HF-format checkpoint directory (Qwen2/Qwen2.5, with config.json)")
-    p.add_argument("--prompts", required=True, help='JSONL: {"prompt": str} | {"messages": [...]} | {"prompt_ids": [...]}')
+    p.add_argument("--model", required=True, help="HF directory, import-hf checkpoint or training run directory")
+    p.add_argument(
+        "--prompts", required=True, help='JSONL: {"prompt": str} | {"messages": [...]} | {"prompt_ids": [...]}'
+    )
     p.add_argument("--out", required=True, help="output JSONL, one line per sample")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the bundled Qwen2.5 tokenizer)")
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
@@ -73,42 +79,46 @@ def read_prompts(path: str | Path, tokenizer) -> list[list[int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grouprank_jax.sampling import Sampler, SamplingParams
-    from grouprank_jax.tokenizer import load_tokenizer
-    from grouprank_jax.weights import load_hf
-
-    model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise SystemExit(
-            f"--model {model_dir}: no config.json there; pass a HF-format Qwen2 directory "
-            "(an Orbax training checkpoint must be exported first with `grouprank export-hf`)"
-        )
     tokenizer = load_tokenizer(args.tokenizer)
     prompts = read_prompts(args.prompts, tokenizer)
-    model = load_hf(model_dir)
-    sampler = Sampler(model, tokenizer=tokenizer, max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens)
+    model = load_model(args.model)
+    sampler = Sampler(
+        model, tokenizer=tokenizer, max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens
+    )
     params = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, n=args.n, seed=args.seed,
-        max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        n=args.n,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        stop=tuple(args.stop),
     )
     total_tokens, total_seconds = 0, 0.0
     with open(args.out, "w", encoding="utf-8") as out:
         for start in range(0, len(prompts), args.batch_size):
-            chunk = prompts[start:start + args.batch_size]
+            chunk = prompts[start : start + args.batch_size]
             # A distinct, reproducible seed per chunk so chunks do not repeat each other's draws.
             result = sampler.generate(chunk, dataclasses.replace(params, seed=args.seed + start))
             for row in range(len(chunk) * args.n):
                 length = int(result.lengths[row])
-                out.write(json.dumps({
-                    "prompt_index": start + row // args.n,
-                    "sample_index": row % args.n,
-                    "text": result.texts[row],
-                    "token_ids": result.tokens[row, :length].tolist(),
-                    "logprobs": [round(float(x), 6) for x in result.logprobs[row, :length]],
-                    "finish_reason": result.finish_reasons[row],
-                }) + "\n")
+                out.write(
+                    json.dumps(
+                        {
+                            "prompt_index": start + row // args.n,
+                            "sample_index": row % args.n,
+                            "text": result.texts[row],
+                            "token_ids": result.tokens[row, :length].tolist(),
+                            "logprobs": [round(float(x), 6) for x in result.logprobs[row, :length]],
+                            "finish_reason": result.finish_reasons[row],
+                        }
+                    )
+                    + "\n"
+                )
             total_tokens += result.stats.generated_tokens
             total_seconds += result.stats.prefill_seconds + result.stats.decode_seconds
-    print(f"{len(prompts)} prompts x {args.n} samples | {total_tokens} tokens in {total_seconds:.1f} s "
-          f"({total_tokens / max(total_seconds, 1e-9):.1f} tok/s) -> {args.out}")
+    print(
+        f"{len(prompts)} prompts x {args.n} samples | {total_tokens} tokens in {total_seconds:.1f} s "
+        f"({total_tokens / max(total_seconds, 1e-9):.1f} tok/s) -> {args.out}"
+    )
     return 0

@@ -12,6 +12,16 @@ import logging
 import math
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from grouprank_jax.data.formats import read_collection, read_qrels, read_rank_llm, read_run, write_run
+from grouprank_jax.eval import evaluate
+from grouprank_jax.task.prompts import load_template, render_prompt
+from grouprank_jax.task.rerank import Candidate, RerankConfig, rerank
+from grouprank_jax.task.scoring import ScoringCounters, sampler_score_fn
+from grouprank_jax.tokenizer import load_tokenizer
+from grouprank_jax.weights.loading import load_model
+
 log = logging.getLogger(__name__)
 
 
@@ -22,14 +32,18 @@ def register(subparsers) -> None:
     parser.add_argument("--run", help="first-stage TREC run (required with a dataset directory)")
     parser.add_argument("--out", required=True, help="output TREC run file")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the bundled Qwen2.5 tokenizer)")
-    parser.add_argument("--prompt", default="grouprank", help="preset (grouprank, grouprank-sft, compact) or YAML/JSON file")
+    parser.add_argument(
+        "--prompt", default="grouprank", help="preset (grouprank, grouprank-sft, compact) or YAML/JSON file"
+    )
     parser.add_argument("--top-n", type=int, default=100, help="candidates reranked per query")
     parser.add_argument("--group-size", type=int, default=20, help="documents per group (c)")
     parser.add_argument("--repeats", type=int, default=1, help="shuffled passes averaged (test-time scaling)")
     parser.add_argument("--fusion-weight", type=float, default=0.6, help="weight of the group score vs the retriever")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     parser.add_argument("--max-doc-chars", type=int, default=3000, help="character cut per document")
-    parser.add_argument("--max-prompt-len", type=int, default=16384, help="prompt token budget (documents shrink to fit)")
+    parser.add_argument(
+        "--max-prompt-len", type=int, default=16384, help="prompt token budget (documents shrink to fit)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=8000, help="generation budget (official: 8000)")
     parser.add_argument("--temperature", type=float, default=0.3, help="official inference value")
     parser.add_argument("--top-p", type=float, default=0.8, help="official inference value")
@@ -41,8 +55,6 @@ def register(subparsers) -> None:
 
 def load_candidates(data: str, run_path: str | None):
     """(queries {qid: text}, candidates {qid: [Candidate]}) from the supported input layouts."""
-    from grouprank_jax.data.formats import read_collection, read_rank_llm, read_run
-    from grouprank_jax.grouprank.rerank import Candidate
 
     path = Path(data)
     if path.is_file():
@@ -55,12 +67,12 @@ def load_candidates(data: str, run_path: str | None):
                 for e in entries
             }
             return queries, candidates
-        lookup = lambda qid, docid: texts.get((qid, docid))  # noqa: E731
+        lookup = lambda qid, docid: texts.get((qid, docid))
     elif path.is_dir():
         if run_path is None:
             raise ValueError(f"{path} is a dataset directory: pass the first-stage run with --run")
         corpus, queries = read_collection(path)
-        lookup = lambda qid, docid: corpus.get(docid)  # noqa: E731
+        lookup = lambda qid, docid: corpus.get(docid)
     else:
         raise ValueError(f"--data {data}: no such file or directory")
     candidates = {}
@@ -70,21 +82,29 @@ def load_candidates(data: str, run_path: str | None):
             continue
         missing = [d for d in docs if lookup(qid, d) is None]
         if missing:
-            raise ValueError(f"{len(missing)} documents of query {qid} in {run_path} have no text in {data}, e.g. {missing[:3]}")
+            raise ValueError(
+                f"{len(missing)} documents of query {qid} in {run_path} have no text in {data}, e.g. {missing[:3]}"
+            )
         candidates[qid] = [Candidate(d, lookup(qid, d), s) for d, s in docs.items()]
     return queries, candidates
 
 
 def _model_score_fn(args, tokenizer, counters: dict):
     """score_fn backed by the JAX sampler; counts generated tokens into ``counters``."""
-    from grouprank_jax.commands.convert import load_any_checkpoint
-    from grouprank_jax.grouprank.scoring import ScoringCounters, sampler_score_fn
 
-    model = load_any_checkpoint(args.model)
+    model = load_model(args.model)
     stats = ScoringCounters()
-    inner = sampler_score_fn(model, tokenizer, max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                             counters=stats)
+    inner = sampler_score_fn(
+        model,
+        tokenizer,
+        max_prompt_len=args.max_prompt_len,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        counters=stats,
+    )
 
     def score_fn(prompts: list[str]) -> list[str]:
         texts = inner(prompts)
@@ -96,12 +116,6 @@ def _model_score_fn(args, tokenizer, counters: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from grouprank_jax.data.formats import read_qrels, write_run
-    from grouprank_jax.grouprank.prompts import load_template, render_prompt
-    from grouprank_jax.grouprank.rerank import RerankConfig, rerank
-    from grouprank_jax.tokenizer import load_tokenizer
 
     cfg = RerankConfig(
         top_n=args.top_n,
@@ -130,8 +144,6 @@ def run(args: argparse.Namespace) -> int:
         f"| {summary.seconds:.1f} s ({counters['tokens'] / max(summary.seconds, 1e-9):.1f} tok/s) -> {args.out}"
     )
     if args.qrels:
-        from grouprank_jax.eval import evaluate
-
         qrels = read_qrels(args.qrels)
         first_stage = {q: {c.docid: c.score for c in docs} for q, docs in candidates.items()}
         for name, run_scores in (("first stage", first_stage), ("reranked", reranked)):

@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import logging
 
+from grouprank_jax.data.formats import read_collection, write_run
+from grouprank_jax.retrieve import bm25_run
+
 log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("retrieve", help="BM25 first-stage retrieval (bm25s) -> TREC run")
-    parser.add_argument("--data", required=True, help="dataset dir: corpus.jsonl+queries.jsonl or corpus.tsv+queries.tsv")
+    parser.add_argument(
+        "--data", required=True, help="dataset dir: corpus.jsonl+queries.jsonl or corpus.tsv+queries.tsv"
+    )
     parser.add_argument("--out", required=True, help="output TREC run file")
     parser.add_argument("--top-k", type=int, default=100, help="documents kept per query")
     parser.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (Pyserini default)")
@@ -19,8 +24,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grouprank_jax.data.formats import read_collection, write_run
-    from grouprank_jax.retrieve import bm25_run
 
     corpus, queries = read_collection(args.data)
     result = bm25_run(corpus, queries, top_k=args.top_k, k1=args.k1, b=args.b)

@@ -9,10 +9,21 @@ in its ``run_dir``; SIGTERM (TPU preemption) finishes the step, saves and exits 
 
 from __future__ import annotations
 
+import jax
+
+from grouprank_jax.config.run import load_run_config
+from grouprank_jax.metrics_log import plot_run
+from grouprank_jax.parallel.distributed import initialize_distributed
+from grouprank_jax.parallel.mesh import make_mesh
+from grouprank_jax.rl.trainer import train_grpo
+from grouprank_jax.sft.trainer import train_sft
+
 
 def register(subparsers) -> None:
-    for name, help_text in (("sft", "supervised fine-tuning on GroupRank/chat records"),
-                            ("grpo", "GRPO with the GroupRank heterogeneous reward")):
+    for name, help_text in (
+        ("sft", "supervised fine-tuning on GroupRank/chat records"),
+        ("grpo", "GRPO with the GroupRank heterogeneous reward"),
+    ):
         p = subparsers.add_parser(name, help=help_text, description=__doc__)
         p.add_argument("--config", required=True, help="run config YAML (see configs/)")
         p.add_argument("--max-steps", type=int, default=None, help="cap the number of steps")
@@ -22,24 +33,14 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from grouprank_jax.parallel.distributed import initialize_distributed
-    from grouprank_jax.parallel.mesh import make_mesh
-    from grouprank_jax.run_config import load_run_config
 
     initialize_distributed()
     cfg = load_run_config(args.config, args.overrides)
     mesh = make_mesh(cfg.mesh)
     if args.stage == "sft":
-        from grouprank_jax.sft.trainer import train_sft
-
         result = train_sft(cfg, mesh=mesh, max_steps=args.max_steps, progress=not args.no_progress)
     else:
-        from grouprank_jax.rl.trainer import train_grpo
-
         result = train_grpo(cfg, mesh=mesh, max_steps=args.max_steps, progress=not args.no_progress)
-    from grouprank_jax.metrics_log import plot_run
-
-    import jax
 
     if jax.process_index() == 0 and result.metrics:
         png = plot_run(result.run_dir)

@@ -11,8 +11,9 @@ import dataclasses
 import gzip
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]

@@ -34,16 +34,19 @@ Over-long examples (prompt + target > seq_len), ``truncation``:
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 from grouprank_jax.data.records import KINDS, DataError
+from grouprank_jax.tokenizer import ENDOFTEXT_ID
 
 TokenizeFn = Callable[[Mapping[str, Any]], tuple[Sequence[int], Sequence[int]]]
 TRUNCATIONS = ("error", "left", "right")
-DEFAULT_PAD_ID = 151643  # Qwen2.5 <|endoftext|>
+DEFAULT_PAD_ID = ENDOFTEXT_ID  # Qwen2.5 <|endoftext|>
 _INT_FIELDS = ("input_ids", "targets", "loss_mask", "segment_ids", "attention_mask", "positions")
 
 
@@ -52,8 +55,6 @@ _INT_FIELDS = ("input_ids", "targets", "loss_mask", "segment_ids", "attention_ma
 
 def _resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
     if shard_index is None or shard_count is None:
-        import jax  # only for the defaults, so the data code imports without a backend
-
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:
@@ -61,8 +62,9 @@ def _resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[in
     return shard_index, shard_count
 
 
-def _sharded_order(records: Sequence, seed: int, num_epochs: int | None,
-                   shard_index: int | None, shard_count: int | None) -> grain.MapDataset:
+def _sharded_order(
+    records: Sequence, seed: int, num_epochs: int | None, shard_index: int | None, shard_count: int | None
+) -> grain.MapDataset:
     if len(records) == 0:
         raise DataError("no records to iterate over")
     index, count = _resolve_shard(shard_index, shard_count)
@@ -77,8 +79,9 @@ def _sharded_order(records: Sequence, seed: int, num_epochs: int | None,
 
 def _checked(record: Mapping[str, Any]) -> Mapping[str, Any]:
     if record.get("kind") not in KINDS:
-        raise DataError(f"record {str(record)[:80]} is not canonical; build records with "
-                        "load_records() or records_from_rows()")
+        raise DataError(
+            f"record {str(record)[:80]} is not canonical; build records with load_records() or records_from_rows()"
+        )
     return record
 
 
@@ -99,8 +102,10 @@ class _Tokenize:
         if prompt.size == 0 or target.size == 0:
             # An empty target trains on nothing; an empty prompt would let packing leak the
             # previous segment's last token into this one's first prediction.
-            raise DataError(f"{where}: tokenize_fn returned {prompt.size} prompt and "
-                            f"{target.size} target tokens; both must be non-empty")
+            raise DataError(
+                f"{where}: tokenize_fn returned {prompt.size} prompt and "
+                f"{target.size} target tokens; both must be non-empty"
+            )
         prompt, target = self._fit(prompt, target, where)
         return {
             "ids": np.concatenate([prompt, target]),
@@ -112,14 +117,18 @@ class _Tokenize:
         if total <= limit:
             return prompt, target
         if self._truncation == "left" and target.size < limit:
-            return prompt[prompt.size - (limit - target.size):], target
+            return prompt[prompt.size - (limit - target.size) :], target
         if self._truncation == "right" and prompt.size < limit:
             return prompt, target[: limit - prompt.size]
-        hint = {"error": "raise seq_len, shorten the record, or set truncation='left'/'right'",
-                "left": "the target alone fills seq_len; raise seq_len",
-                "right": "the prompt alone fills seq_len; raise seq_len"}[self._truncation]
-        raise DataError(f"{where}: {prompt.size} prompt + {target.size} target tokens = {total} > "
-                        f"seq_len={limit} (truncation={self._truncation!r}); {hint}")
+        hint = {
+            "error": "raise seq_len, shorten the record, or set truncation='left'/'right'",
+            "left": "the target alone fills seq_len; raise seq_len",
+            "right": "the prompt alone fills seq_len; raise seq_len",
+        }[self._truncation]
+        raise DataError(
+            f"{where}: {prompt.size} prompt + {target.size} target tokens = {total} > "
+            f"seq_len={limit} (truncation={self._truncation!r}); {hint}"
+        )
 
 
 class ChatTokenizeFn:
@@ -132,23 +141,22 @@ class ChatTokenizeFn:
     A class rather than a closure so grain worker processes can pickle it.
     """
 
-    def __init__(self, tokenizer, render: Callable[[Mapping], Mapping] | None = None,
-                 end_of_turn: str = "<|im_end|>"):
+    def __init__(self, tokenizer, render: Callable[[Mapping], Mapping] | None = None, end_of_turn: str = "<|im_end|>"):
         self.tokenizer, self.render, self.end_of_turn = tokenizer, render, end_of_turn
 
     def __call__(self, record: Mapping[str, Any]) -> tuple[list[int], list[int]]:
         chat = self.render(record) if self.render is not None else record
         if chat.get("prompt") is None or chat.get("output") is None:
-            raise DataError(f"{record.get('source') or '<record>'}: a {record.get('kind')} record "
-                            "has no prompt/output; pass render= to turn it into a chat turn")
+            raise DataError(
+                f"{record.get('source') or '<record>'}: a {record.get('kind')} record "
+                "has no prompt/output; pass render= to turn it into a chat turn"
+            )
         messages = [{"role": "system", "content": chat["system"]}] if chat.get("system") else []
         messages.append({"role": "user", "content": chat["prompt"]})
         # tokenize=False then encode: transformers 5 may return a BatchEncoding when tokenizing.
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = self.tokenizer.encode(text, add_special_tokens=False)
-        target_ids = self.tokenizer.encode(chat["output"] + self.end_of_turn,
-                                           add_special_tokens=False)
+        target_ids = self.tokenizer.encode(chat["output"] + self.end_of_turn, add_special_tokens=False)
         return list(prompt_ids), list(target_ids)
 
 
@@ -175,8 +183,8 @@ def _write_row(batch: dict[str, np.ndarray], row: int, examples: Sequence[Mappin
         batch["input_ids"][row, start:end] = ids
         # Targets and the mask stop one short of the segment end: the last token's successor
         # belongs to padding or to the next segment and must not be trained on.
-        batch["targets"][row, start:end - 1] = ids[1:]
-        batch["loss_mask"][row, start:end - 1] = is_target[1:]
+        batch["targets"][row, start : end - 1] = ids[1:]
+        batch["loss_mask"][row, start : end - 1] = is_target[1:]
         batch["segment_ids"][row, start:end] = segment
         batch["positions"][row, start:end] = np.arange(n, dtype=np.int32)
         start = end
@@ -222,8 +230,7 @@ class _PadToBucket:
         return _finish(batch)
 
 
-def pad_batch(batch: Mapping[str, np.ndarray], length: int,
-              pad_id: int = DEFAULT_PAD_ID) -> dict[str, np.ndarray]:
+def pad_batch(batch: Mapping[str, np.ndarray], length: int, pad_id: int = DEFAULT_PAD_ID) -> dict[str, np.ndarray]:
     """Right-pad an SFT batch to T = length, e.g. to the max T agreed across processes."""
     current = batch["input_ids"].shape[1]
     if length < current:
@@ -241,12 +248,11 @@ def pad_batch(batch: Mapping[str, np.ndarray], length: int,
 class _PackedBatches(grain.IterDataset):
     """Greedily packs consecutive examples into [batch_size, seq_len] rows."""
 
-    def __init__(self, parent: grain.IterDataset, seq_len: int, batch_size: int, pad_id: int,
-                 drop_remainder: bool):
+    def __init__(self, parent: grain.IterDataset, seq_len: int, batch_size: int, pad_id: int, drop_remainder: bool):
         super().__init__(parent)
         self._args = (seq_len, batch_size, pad_id, drop_remainder)
 
-    def __iter__(self) -> "_PackedBatchIterator":
+    def __iter__(self) -> _PackedBatchIterator:
         return _PackedBatchIterator(self._parent.__iter__(), *self._args)
 
 
@@ -310,13 +316,22 @@ class _PackedBatchIterator(grain.DatasetIterator):
 # ---- public pipelines -------------------------------------------------------------------------
 
 
-def sft_dataset(records: Sequence[Mapping[str, Any]], tokenize_fn: TokenizeFn, seq_len: int,
-                batch_size: int, seed: int, shard_index: int | None = None,
-                shard_count: int | None = None, packing: bool = False,
-                length_buckets: Sequence[int] | None = None, truncation: str = "error",
-                pad_id: int = DEFAULT_PAD_ID, num_epochs: int | None = None,
-                drop_remainder: bool = True,
-                read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+def sft_dataset(
+    records: Sequence[Mapping[str, Any]],
+    tokenize_fn: TokenizeFn,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    packing: bool = False,
+    length_buckets: Sequence[int] | None = None,
+    truncation: str = "error",
+    pad_id: int = DEFAULT_PAD_ID,
+    num_epochs: int | None = None,
+    drop_remainder: bool = True,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
     """Per-process SFT batches (layout in the module doc); ``batch_size`` is per process.
 
     ``records`` are canonical (``load_records``/``records_from_rows``); shard defaults are
@@ -333,8 +348,7 @@ def sft_dataset(records: Sequence[Mapping[str, Any]], tokenize_fn: TokenizeFn, s
     ds = _sharded_order(records, seed, num_epochs, shard_index, shard_count)
     ds = ds.map(_Tokenize(tokenize_fn, seq_len, truncation))
     if packing:
-        return _PackedBatches(ds.to_iter_dataset(read_options), seq_len, batch_size, pad_id,
-                              drop_remainder)
+        return _PackedBatches(ds.to_iter_dataset(read_options), seq_len, batch_size, pad_id, drop_remainder)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=_PadToBucket(buckets, pad_id))
     return ds.to_iter_dataset(read_options)
 
@@ -342,15 +356,22 @@ def sft_dataset(records: Sequence[Mapping[str, Any]], tokenize_fn: TokenizeFn, s
 def _checked_rl(record: Mapping[str, Any]) -> Mapping[str, Any]:
     record = _checked(record)
     if record["kind"] != "grouprank" or record.get("gold") is None:
-        raise DataError(f"{record.get('source') or '<record>'}: RL needs grouprank records with "
-                        "gold labels; load them with purpose='rl'")
+        raise DataError(
+            f"{record.get('source') or '<record>'}: RL needs grouprank records with "
+            "gold labels; load them with purpose='rl'"
+        )
     return record
 
 
-def rl_dataset(records: Sequence[Mapping[str, Any]], batch_size: int, seed: int,
-               shard_index: int | None = None, shard_count: int | None = None,
-               num_epochs: int | None = None,
-               read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+def rl_dataset(
+    records: Sequence[Mapping[str, Any]],
+    batch_size: int,
+    seed: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    num_epochs: int | None = None,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
     """Per-process batches of ``batch_size`` canonical grouprank records (lists of dicts).
 
     Unlike SFT (records interleaved over processes), RL slices each *global* batch: step i of

@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 KINDS = ("chat", "grouprank")
 # "sft" accepts chat records and grouprank records that carry scores (the target);
@@ -33,8 +34,16 @@ KINDS = ("chat", "grouprank")
 PURPOSES = ("sft", "rl")
 MAX_SCORE = 10
 CANONICAL_FIELDS = (
-    "kind", "source", "system", "prompt", "output",
-    "query", "documents", "scores", "gold", "reasoning",
+    "kind",
+    "source",
+    "system",
+    "prompt",
+    "output",
+    "query",
+    "documents",
+    "scores",
+    "gold",
+    "reasoning",
 )
 
 
@@ -87,8 +96,9 @@ def _chat(row, where) -> dict[str, Any]:
 def _documents(row, where) -> list[dict[str, str]]:
     docs = _get(row, "documents")
     if docs is None:
-        raise DataError(f"{where}: missing required field 'documents' (a list of strings or "
-                        "{'docid', 'text'} objects)")
+        raise DataError(
+            f"{where}: missing required field 'documents' (a list of strings or {{'docid', 'text'}} objects)"
+        )
     if not isinstance(docs, (list, tuple)) or not docs:
         raise DataError(f"{where}: field 'documents' must be a non-empty list, got {docs!r:.80}")
     out = []
@@ -98,12 +108,15 @@ def _documents(row, where) -> list[dict[str, str]]:
         elif isinstance(doc, Mapping):
             docid, text = doc.get("docid"), doc.get("text")
             if not isinstance(docid, str) or not isinstance(text, str):
-                raise DataError(f"{where}: documents[{i}] needs string 'docid' and 'text', got "
-                                f"docid={docid!r:.40} text={type(text).__name__}")
+                raise DataError(
+                    f"{where}: documents[{i}] needs string 'docid' and 'text', got "
+                    f"docid={docid!r:.40} text={type(text).__name__}"
+                )
             out.append({"docid": docid, "text": text})
         else:
-            raise DataError(f"{where}: documents[{i}] must be a string or a {{'docid', 'text'}} "
-                            f"object, got {type(doc).__name__}")
+            raise DataError(
+                f"{where}: documents[{i}] must be a string or a {{'docid', 'text'}} object, got {type(doc).__name__}"
+            )
     return out
 
 
@@ -114,8 +127,10 @@ def _per_doc_list(row, key, where, n_docs) -> list | None:
     if not isinstance(values, (list, tuple)):
         raise DataError(f"{where}: field {key!r} must be a list, got {type(values).__name__}")
     if len(values) != n_docs:
-        raise DataError(f"{where}: field {key!r} has {len(values)} entries but 'documents' has "
-                        f"{n_docs}; give exactly one per document, in document order")
+        raise DataError(
+            f"{where}: field {key!r} has {len(values)} entries but 'documents' has "
+            f"{n_docs}; give exactly one per document, in document order"
+        )
     return list(values)
 
 
@@ -150,13 +165,11 @@ def _grouprank(row, where, purpose) -> dict[str, Any]:
     scores = _scores(row, where, len(docs))
     gold = _gold(row, where, len(docs))
     if purpose == "sft" and scores is None:
-        raise DataError(f"{where}: missing required field 'scores' (the SFT target: one 0..10 "
-                        "integer per document)")
+        raise DataError(f"{where}: missing required field 'scores' (the SFT target: one 0..10 integer per document)")
     if gold is None and scores is not None:
         gold = [float(s) for s in scores]
     if purpose == "rl" and gold is None:
-        raise DataError(f"{where}: an RL record needs 'gold' (or 'scores') with one label per "
-                        "document")
+        raise DataError(f"{where}: an RL record needs 'gold' (or 'scores') with one label per document")
     return {
         "kind": "grouprank",
         "query": query,
@@ -177,25 +190,27 @@ def normalize_record(row: Any, where: str, purpose: str = "sft") -> dict[str, An
     is_group = _get(row, "query") is not None or _get(row, "documents") is not None
     is_chat = any(_get(row, k) is not None for k in ("prompt", "instruction", "output"))
     if is_group and is_chat:
-        raise DataError(f"{where}: record mixes chat fields (prompt/instruction/output) with "
-                        "grouprank fields (query/documents); use one kind per record")
+        raise DataError(
+            f"{where}: record mixes chat fields (prompt/instruction/output) with "
+            "grouprank fields (query/documents); use one kind per record"
+        )
     if is_group:
         rec = _grouprank(row, where, purpose)
     elif is_chat:
         if purpose == "rl":
-            raise DataError(f"{where}: RL needs grouprank records (query, documents, gold); "
-                            "this is a chat record")
+            raise DataError(f"{where}: RL needs grouprank records (query, documents, gold); this is a chat record")
         rec = _chat(row, where)
     else:
-        raise DataError(f"{where}: unrecognised record with keys {sorted(row)[:8]}; expected "
-                        "chat {prompt|instruction, output} or grouprank {query, documents, scores}")
+        raise DataError(
+            f"{where}: unrecognised record with keys {sorted(row)[:8]}; expected "
+            "chat {prompt|instruction, output} or grouprank {query, documents, scores}"
+        )
     canonical = dict.fromkeys(CANONICAL_FIELDS)
     canonical.update(rec, source=where)
     return canonical
 
 
-def records_from_rows(rows: Sequence[Any], purpose: str = "sft",
-                      name: str = "<memory>") -> list[dict[str, Any]]:
+def records_from_rows(rows: Sequence[Any], purpose: str = "sft", name: str = "<memory>") -> list[dict[str, Any]]:
     """Validate in-memory rows (errors read ``name:index`` with a 1-based index)."""
     return [normalize_record(row, f"{name}:{i + 1}", purpose) for i, row in enumerate(rows)]
 
@@ -213,9 +228,11 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg} at column "
-                                f"{err.pos + 1}); each line must be one JSON object "
-                                "(JSON Lines)") from None
+                raise DataError(
+                    f"{path}:{lineno}: invalid JSON ({err.msg} at column "
+                    f"{err.pos + 1}); each line must be one JSON object "
+                    "(JSON Lines)"
+                ) from None
             yield f"{path}:{lineno}", row
 
 
@@ -263,18 +280,25 @@ def _features():
     import datasets
 
     text = datasets.Value("string")
-    return datasets.Features({
-        "kind": text, "source": text, "system": text, "prompt": text, "output": text,
-        "query": text,
-        "documents": datasets.List({"docid": text, "text": text}),
-        "scores": datasets.List(datasets.Value("int32")),
-        "gold": datasets.List(datasets.Value("float64")),
-        "reasoning": text,
-    })
+    return datasets.Features(
+        {
+            "kind": text,
+            "source": text,
+            "system": text,
+            "prompt": text,
+            "output": text,
+            "query": text,
+            "documents": datasets.List({"docid": text, "text": text}),
+            "scores": datasets.List(datasets.Value("int32")),
+            "gold": datasets.List(datasets.Value("float64")),
+            "reasoning": text,
+        }
+    )
 
 
-def load_records(paths: str | os.PathLike | Sequence[str | os.PathLike], purpose: str = "sft",
-                 cache_dir: str | None = None):
+def load_records(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], purpose: str = "sft", cache_dir: str | None = None
+):
     """Validate JSONL/Parquet files and load them as a memory-mapped ``datasets.Dataset``.
 
     Rows are canonical dicts (see module doc). One streaming pass validates and writes Arrow, so
@@ -293,7 +317,9 @@ def load_records(paths: str | os.PathLike | Sequence[str | os.PathLike], purpose
     stamps = [(os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
     try:
         ds = datasets.Dataset.from_generator(
-            _generate, features=_features(), cache_dir=cache_dir,
+            _generate,
+            features=_features(),
+            cache_dir=cache_dir,
             gen_kwargs={"paths": paths, "purpose": purpose, "stamps": stamps},
         )
     except datasets.exceptions.DatasetGenerationError as err:

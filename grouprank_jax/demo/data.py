@@ -41,12 +41,62 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-TOPICS = ("apple", "river", "tiger", "music", "coffee", "planet", "garden", "winter",
-          "castle", "rocket", "forest", "honey", "island", "silver", "pepper", "violin",
-          "lemon", "mountain", "guitar", "ocean", "butter", "desert", "camera", "pencil",
-          "jacket", "candle", "bridge", "window", "summer", "engine", "bottle", "flower")
-FILLERS = ("old", "new", "red", "blue", "small", "big", "quiet", "bright", "dark", "warm",
-           "cold", "fast", "slow", "soft", "green", "tall", "happy", "strange", "simple", "open")
+TOPICS = (
+    "apple",
+    "river",
+    "tiger",
+    "music",
+    "coffee",
+    "planet",
+    "garden",
+    "winter",
+    "castle",
+    "rocket",
+    "forest",
+    "honey",
+    "island",
+    "silver",
+    "pepper",
+    "violin",
+    "lemon",
+    "mountain",
+    "guitar",
+    "ocean",
+    "butter",
+    "desert",
+    "camera",
+    "pencil",
+    "jacket",
+    "candle",
+    "bridge",
+    "window",
+    "summer",
+    "engine",
+    "bottle",
+    "flower",
+)
+FILLERS = (
+    "old",
+    "new",
+    "red",
+    "blue",
+    "small",
+    "big",
+    "quiet",
+    "bright",
+    "dark",
+    "warm",
+    "cold",
+    "fast",
+    "slow",
+    "soft",
+    "green",
+    "tall",
+    "happy",
+    "strange",
+    "simple",
+    "open",
+)
 
 
 @dataclass(frozen=True)
@@ -104,8 +154,14 @@ def make_records(n: int, rng: random.Random, cfg: DemoDataConfig, sft: bool) -> 
     for _ in range(n):
         query, docs, gold = _group(rng, rng.randint(cfg.min_group, cfg.max_group), cfg.relevant_score)
         if sft:
-            records.append({"query": query, "documents": docs, "scores": teacher_scores(rng, gold, cfg),
-                            "reasoning": reasoning(query, docs, gold)})
+            records.append(
+                {
+                    "query": query,
+                    "documents": docs,
+                    "scores": teacher_scores(rng, gold, cfg),
+                    "reasoning": reasoning(query, docs, gold),
+                }
+            )
         else:
             records.append({"query": query, "documents": docs, "gold": gold})
     return records
@@ -139,8 +195,17 @@ def write_demo_data(out_dir: str | Path, cfg: DemoDataConfig = DemoDataConfig())
             corpus.append({"_id": docid, "title": "", "text": _document(eval_rng, topic)})
             qrels.append((qid, docid, 1 if topic == query else 0))
             run.append(f"{qid} Q0 {docid} {rank} {1.0 / rank:.6f} random\n")
-    paths.update({k: out / "eval" / n for k, n in (("corpus", "corpus.jsonl"), ("queries", "queries.jsonl"),
-                                                   ("qrels", "qrels.tsv"), ("run", "run.trec"))})
+    paths.update(
+        {
+            k: out / "eval" / n
+            for k, n in (
+                ("corpus", "corpus.jsonl"),
+                ("queries", "queries.jsonl"),
+                ("qrels", "qrels.tsv"),
+                ("run", "run.trec"),
+            )
+        }
+    )
     paths["corpus"].write_text("".join(json.dumps(c) + "\n" for c in corpus))
     paths["queries"].write_text("".join(json.dumps(c) + "\n" for c in queries))
     paths["qrels"].write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{a}\t{b}\t{c}\n" for a, b, c in qrels))

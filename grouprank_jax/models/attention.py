@@ -17,7 +17,10 @@ import logging
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from grouprank_jax.parallel.mesh import current_mesh, logical_to_spec
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ def reference_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=N
     kv_heads = k.shape[2]
     qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (h ** -0.5)
+    scores = scores * (h**-0.5)
     mask = _visible(q_slot, kv_slot, kv_valid, q_seg, kv_seg)
     scores = jnp.where(mask, scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -72,7 +75,7 @@ def chunked_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=Non
         kv_slot = jnp.pad(kv_slot, (0, pad), constant_values=jnp.iinfo(jnp.int32).max)
         if kv_seg is not None:
             kv_seg = jnp.pad(kv_seg, ((0, 0), (0, pad)))
-    qg = (q.reshape(b, t, kv_heads, g, h).astype(jnp.float32) * (h ** -0.5)).astype(q.dtype)
+    qg = (q.reshape(b, t, kv_heads, g, h).astype(jnp.float32) * (h**-0.5)).astype(q.dtype)
 
     # Blocks become the leading (scanned) axis.
     k_blocks = k.reshape(b, num_blocks, block, kv_heads, h).swapaxes(0, 1)
@@ -181,11 +184,19 @@ def _splash_local(q, k, v, q_seg, kv_seg, *, block: int, interpret: bool):
         q, k, v = jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths)
         q_seg = jnp.pad(q_seg, ((0, 0), (0, padded - t)))
         kv_seg = jnp.pad(kv_seg, ((0, 0), (0, padded - t)))
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    sizes = sk.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     mask = sm.MultiHeadMask([sm.CausalMask((padded, padded)) for _ in range(g)])
     kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
-    scale = jnp.asarray(h ** -0.5, q.dtype)
+    scale = jnp.asarray(h**-0.5, q.dtype)
     qt = (q * scale).reshape(b, padded, kv_heads, g, h).transpose(0, 2, 3, 1, 4)  # [b, K, G, T, H]
     kt = k.transpose(0, 2, 1, 3)  # [b, K, T, H]
     vt = v.transpose(0, 2, 1, 3)
@@ -199,8 +210,21 @@ def _splash_local(q, k, v, q_seg, kv_seg, *, block: int, interpret: bool):
     return out[:, :t].astype(q.dtype)
 
 
-def splash_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=None, *, mesh: Mesh | None = None,
-                     rules=None, block_size: int | None = None, interpret: bool = False):
+def splash_attention(
+    q,
+    k,
+    v,
+    q_slot,
+    kv_slot,
+    kv_valid,
+    q_seg=None,
+    kv_seg=None,
+    *,
+    mesh: Mesh | None = None,
+    rules=None,
+    block_size: int | None = None,
+    interpret: bool = False,
+):
     """TPU Pallas splash attention for full-sequence causal self-attention (training, prefill).
 
     Mosaic kernels cannot be partitioned by XLA, so on a mesh the kernel runs inside
@@ -211,9 +235,7 @@ def splash_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=None
     travel as segment ids (padding = 0). ``interpret=True`` runs the kernel in Pallas' interpret
     mode on any backend (how CPU tests check its numerics).
     """
-    from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, logical_to_spec
-
-    rules = LOGICAL_AXIS_RULES if rules is None else rules
+    rules = current_mesh()[1] if rules is None else rules
     b, t = q.shape[:2]
     if k.shape[1] != t:
         raise ValueError("splash attention serves full-sequence calls (training, prefill); decode uses chunked")
@@ -231,8 +253,9 @@ def splash_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=None
         q_spec = P(q_spec[0], None, None, None)
         kv_spec = P(kv_spec[0], None, None, None)
     seg_spec = P(q_spec[0], None)
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec), out_specs=q_spec,
-                       check_vma=False)
+    fn = jax.shard_map(
+        local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec), out_specs=q_spec, check_vma=False
+    )
     return fn(q, k, v, q_seg, kv_seg)
 
 
@@ -260,14 +283,30 @@ def resolve_impl(impl: str, is_decode: bool, platform: str | None = None, splash
     return impl
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_choice(requested: str, chosen: str):
     if requested not in (chosen, "auto"):
         log.info("attention %s is unavailable here; using %s", requested, chosen)
 
 
-def attend(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=None, *, impl="auto", block_size=512, is_decode=False,
-           mesh: Mesh | None = None, rules=None, splash_block_size: int | None = None, splash_interpret: bool = False):
+def attend(
+    q,
+    k,
+    v,
+    q_slot,
+    kv_slot,
+    kv_valid,
+    q_seg=None,
+    kv_seg=None,
+    *,
+    impl="auto",
+    block_size=512,
+    is_decode=False,
+    splash_block_size: int | None = None,
+    splash_interpret: bool = False,
+):
+    """Attention with the kernel ``impl`` resolves to for the current mesh's platform."""
+    mesh, rules = current_mesh()
     platform = mesh_platform(mesh)
     chosen = resolve_impl(impl, is_decode, platform, splash_interpret)
     _log_choice(impl, chosen)
@@ -280,6 +319,18 @@ def attend(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=None, *, impl=
     if chosen == "cudnn":
         return cudnn_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg, kv_seg)
     if chosen == "splash":
-        return splash_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg, kv_seg, mesh=mesh, rules=rules,
-                                block_size=splash_block_size, interpret=splash_interpret or platform != "tpu")
+        return splash_attention(
+            q,
+            k,
+            v,
+            q_slot,
+            kv_slot,
+            kv_valid,
+            q_seg,
+            kv_seg,
+            mesh=mesh,
+            rules=rules,
+            block_size=splash_block_size,
+            interpret=splash_interpret or platform != "tpu",
+        )
     raise ValueError(f"unknown attention implementation {chosen!r}")

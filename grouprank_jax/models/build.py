@@ -27,7 +27,9 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RU
     )
 
 
-def create_model(cfg: ModelConfig, mesh: Mesh | None = None, seed: int = 0, rules: Rules = LOGICAL_AXIS_RULES) -> Qwen2ForCausalLM:
+def create_model(
+    cfg: ModelConfig, mesh: Mesh | None = None, seed: int = 0, rules: Rules = LOGICAL_AXIS_RULES
+) -> Qwen2ForCausalLM:
     """Random-init model; with a mesh, each parameter is created directly on its shards."""
     if mesh is None or mesh.size == 1:
         return Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(seed), mesh=mesh, rules=rules)
@@ -52,22 +54,16 @@ def abstract_sharded_model(cfg: ModelConfig, mesh: Mesh, rules: Rules = LOGICAL_
     model = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=rules))
     for _, variable in nnx.to_flat_state(nnx.state(model)):
         value = variable.get_value()
-        variable.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=variable_sharding(variable, mesh, rules)))
+        variable.set_value(
+            jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=variable_sharding(variable, mesh, rules))
+        )
     return model
 
 
 def shard_model(model: Qwen2ForCausalLM, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> Qwen2ForCausalLM:
-    """Place an existing model's params on ``mesh`` (and make its activation constraints use it)."""
+    """Place an existing model's params on ``mesh``; its calls then constrain activations to it."""
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, state_shardings(state, mesh, rules))
     new = nnx.merge(graphdef, state)
-    set_mesh(new, mesh, rules)
+    new.mesh, new.rules = mesh, rules
     return new
-
-
-def set_mesh(model: nnx.Module, mesh: Mesh | None, rules: Rules = LOGICAL_AXIS_RULES) -> None:
-    """Point every submodule's activation-sharding constraints at ``mesh``."""
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, nnx.Module) and hasattr(module, "mesh"):
-            module.mesh = mesh
-            module.rules = rules

@@ -53,7 +53,7 @@ class KVCache:
             valid = jax.device_put(valid, named_sharding(mesh, ("cache_batch", "cache_length"), valid.shape, rules))
         return cls(k=k, v=v, valid=valid, index=jnp.zeros((), jnp.int32))
 
-    def repeat(self, n: int) -> "KVCache":
+    def repeat(self, n: int) -> KVCache:
         """Each row repeated ``n`` times consecutively (row i -> rows i*n .. i*n+n-1): one prefill
         serves the n rollouts of a prompt."""
         if n == 1:

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from grouprank_jax.parallel.mesh import logical_to_spec
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +89,10 @@ def initialize_distributed(
         if not 0 <= process_id < num_processes:
             raise ValueError(f"process_id={process_id} must be in [0, {num_processes})")
         jax.distributed.initialize(
-            coordinator_address=coordinator_address, num_processes=num_processes,
-            process_id=process_id, local_device_ids=local_device_ids,
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            local_device_ids=local_device_ids,
         )
     elif _multi_host_tpu() or any(m in os.environ for m in _AUTO_MARKERS):
         # JAX reads the layout from the TPU metadata server / SLURM / MPI variables.
@@ -99,7 +105,10 @@ def initialize_distributed(
 def _log_layout() -> None:
     log.info(
         "process %d of %d: %d local / %d global devices (%s)",
-        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
         jax.devices()[0].platform,
     )
 
@@ -121,7 +130,6 @@ def global_batch_from_local(
     ``PartitionSpec`` or logical axis names (default: rows split over ``data`` x ``fsdp``,
     everything else replicated).
     """
-    from grouprank_jax.parallel.mesh import logical_to_spec
 
     def one(x):
         x = np.asarray(x)
@@ -141,7 +149,6 @@ def allreduce_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     """Mean of each scalar over processes (every process must pass the same keys)."""
     if jax.process_count() == 1:
         return {k: float(v) for k, v in metrics.items()}
-    from jax.experimental import multihost_utils
 
     keys = sorted(metrics)
     values = np.asarray([float(metrics[k]) for k in keys], np.float32)  # x64 is off by default
@@ -154,8 +161,6 @@ def allreduce_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 def sync_global_devices(name: str) -> None:
     """Barrier across processes (e.g. before the primary reads what all of them wrote)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -164,7 +169,6 @@ def agree_max(value: int) -> int:
     must make alike before a collective computation."""
     if jax.process_count() == 1:
         return int(value)
-    from jax.experimental import multihost_utils
 
     return int(np.max(multihost_utils.process_allgather(np.asarray(int(value), np.int32))))
 
@@ -179,7 +183,6 @@ def gather_rows(local: np.ndarray) -> np.ndarray:
     local = np.asarray(local)
     if jax.process_count() == 1:
         return local
-    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
@@ -200,6 +203,8 @@ def local_rows(array: jax.Array) -> np.ndarray:
     out = np.concatenate([blocks[s] for s in starts], axis=0)
     ends = [s + len(blocks[s]) for s in starts]
     if any(e != s for e, s in zip(ends[:-1], starts[1:])):
-        raise ValueError(f"this process's rows of the {array.shape} array are not contiguous (shards start at "
-                         f"{starts}); order the mesh so each process's devices hold one block of the batch axis")
+        raise ValueError(
+            f"this process's rows of the {array.shape} array are not contiguous (shards start at "
+            f"{starts}); order the mesh so each process's devices hold one block of the batch axis"
+        )
     return out

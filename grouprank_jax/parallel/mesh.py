@@ -7,13 +7,17 @@ and data parallelism is a change of mesh shape (or of this table), never of mode
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
-from typing import Iterable, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from grouprank_jax.config import MeshConfig
 
@@ -74,16 +78,12 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_mesh_shape(cfg, len(devices))
     if cfg.num_slices > 1:
-        from jax.experimental import mesh_utils
-
         if shape[0] % cfg.num_slices:
             raise ValueError(f"data={shape[0]} must be a multiple of num_slices={cfg.num_slices}")
         per_slice = (shape[0] // cfg.num_slices, shape[1], shape[2])
         array = mesh_utils.create_hybrid_device_mesh(per_slice, (cfg.num_slices, 1, 1), devices)
     else:
         try:
-            from jax.experimental import mesh_utils
-
             array = mesh_utils.create_device_mesh(shape, devices)
         except (ValueError, NotImplementedError, AssertionError):
             array = np.asarray(devices).reshape(shape)
@@ -136,8 +136,33 @@ def named_sharding(mesh: Mesh, names, shape=None, rules: Rules = LOGICAL_AXIS_RU
     return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
 
 
-def shard(x: jax.Array, names: Sequence[str | None], mesh: Mesh | None, rules: Rules = LOGICAL_AXIS_RULES):
-    """``with_sharding_constraint`` by logical names; a real constraint on any backend, CPU included."""
+# The mesh (and rules) that activation constraints refer to while a program is traced. Model
+# code names logical axes only; whoever runs the model on a mesh enters ``use_mesh`` (the model
+# does so itself with the mesh it was placed on, jitted steps and the sampler with theirs).
+_MESH_CONTEXT: contextvars.ContextVar[tuple[Mesh | None, Rules]] = contextvars.ContextVar(
+    "grouprank_mesh", default=(None, LOGICAL_AXIS_RULES)
+)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None, rules: Rules = LOGICAL_AXIS_RULES):
+    """Make ``mesh`` the target of ``shard`` (and of splash's shard_map) inside the block."""
+    token = _MESH_CONTEXT.set((mesh, rules))
+    try:
+        yield mesh
+    finally:
+        _MESH_CONTEXT.reset(token)
+
+
+def current_mesh() -> tuple[Mesh | None, Rules]:
+    """(mesh, rules) of the innermost ``use_mesh``; (None, default rules) outside any."""
+    return _MESH_CONTEXT.get()
+
+
+def shard(x: jax.Array, names: Sequence[str | None]):
+    """``with_sharding_constraint`` by logical names against the current mesh; a real
+    constraint on any backend, CPU included; a no-op without a mesh (or on one device)."""
+    mesh, rules = _MESH_CONTEXT.get()
     if mesh is None or mesh.size == 1:
         return x
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, x.shape, rules))
@@ -159,18 +184,3 @@ def tpu_reserved_hbm_options(mesh: Mesh | None, reserved_bytes: int) -> dict:
     if mesh is None or mesh.devices.flat[0].platform != "tpu" or reserved_bytes <= 0:
         return {}
     return {"xla_tpu_user_reserved_hbm_bytes": str(int(reserved_bytes))}
-
-
-def non_dividing_axes(
-    names: Iterable[str | None], shape: Sequence[int], mesh_shape: dict[str, int], rules: Rules = LOGICAL_AXIS_RULES
-) -> list[str]:
-    """Human-readable violations: logical dims whose size a rule's mesh axes do not divide."""
-    table = dict(rules)
-    problems = []
-    for name, dim in zip(names, shape):
-        if name is None:
-            continue
-        size = math.prod(mesh_shape.get(a, 1) for a in (table.get(name) or ()))
-        if size > 1 and dim % size:
-            problems.append(f"{name}={dim} is not divisible by mesh axes {table[name]} (size {size})")
-    return problems

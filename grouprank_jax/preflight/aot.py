@@ -17,22 +17,33 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import os
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from grouprank_jax.models.build import abstract_sharded_model
-from grouprank_jax.parallel.mesh import make_mesh, named_sharding, per_chip_bytes, tpu_reserved_hbm_options
+from grouprank_jax.parallel.mesh import (
+    MESH_AXES,
+    make_mesh,
+    named_sharding,
+    per_chip_bytes,
+    resolve_mesh_shape,
+    tpu_reserved_hbm_options,
+)
+from grouprank_jax.preflight.memory import function_estimates
 from grouprank_jax.preflight.topology import GIB, Topology, topology_devices
-from grouprank_jax.train_state import batch_sharding, opt_state_shardings, trainable_filter
+from grouprank_jax.rl.losses import loss_kwargs
+from grouprank_jax.rl.rollout import STOP_STRING
+from grouprank_jax.rl.step import make_grpo_optimizer, make_grpo_update, make_logprob_fn
+from grouprank_jax.sampling import Sampler, SamplingParams
+from grouprank_jax.sft.step import make_sft_optimizer, make_sft_step
+from grouprank_jax.tokenizer import load_tokenizer
+from grouprank_jax.training.state import batch_sharding, opt_state_shardings, trainable_filter
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +51,23 @@ FUNCTIONS = ("sft_step", "grpo_update", "grpo_ref_logprobs", "sampler_prefill", 
 # The config keys that size each function: what a compile error or an out-of-memory points at.
 CONFIG_KEYS = {
     "sft_step": ("sft.per_device_batch", "sft.max_seq_len", "model.remat", "mesh"),
-    "grpo_update": ("grpo.micro_batch_rows", "grpo.mini_batch_prompts", "grpo.max_prompt_len",
-                    "grpo.max_response_len", "model.remat", "mesh"),
+    "grpo_update": (
+        "grpo.micro_batch_rows",
+        "grpo.mini_batch_prompts",
+        "grpo.max_prompt_len",
+        "grpo.max_response_len",
+        "model.remat",
+        "mesh",
+    ),
     "grpo_ref_logprobs": ("grpo.micro_batch_rows", "grpo.max_prompt_len", "grpo.max_response_len", "mesh"),
     "sampler_prefill": ("grpo.global_batch_prompts", "grpo.max_prompt_len", "mesh"),
-    "sampler_decode": ("grpo.global_batch_prompts", "grpo.rollouts_per_prompt", "grpo.max_prompt_len",
-                       "grpo.max_response_len", "mesh"),
+    "sampler_decode": (
+        "grpo.global_batch_prompts",
+        "grpo.rollouts_per_prompt",
+        "grpo.max_prompt_len",
+        "grpo.max_response_len",
+        "mesh",
+    ),
 }
 
 
@@ -91,28 +113,48 @@ def abstract_train_state(model_cfg, mesh: Mesh, tx, lora: bool) -> AbstractTrain
     model = abstract_sharded_model(model_cfg, mesh)
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(lora), ...)
     shapes = jax.eval_shape(tx.init, trainable)
-    opt_state = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                             shapes, opt_state_shardings(tx, trainable, mesh))
+    opt_state = jax.tree.map(
+        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        shapes,
+        opt_state_shardings(tx, trainable, mesh),
+    )
     return AbstractTrainState(graphdef, trainable, frozen, opt_state)
 
 
-def _compile(name: str, shapes: str, lower: Callable[[], "jax.stages.Lowered"], resident: int, keep_hlo: bool,
-             xla_options: dict | None = None) -> CompiledFunction:
-    """Compile one lowered program; ``xla_options`` are the ones the trainer's own jit carries."""
+@dataclasses.dataclass(frozen=True)
+class CompileJob:
+    """One program to compile: how to lower it, and what else stays on the chip meanwhile."""
+
+    name: str
+    shapes: str  # in words, for the report
+    lower: Callable[[], jax.stages.Lowered]
+    resident: int = 0
+    xla_options: dict | None = None  # the options the trainer's own jit carries
+
+
+def compile_job(job: CompileJob, keep_hlo: bool) -> CompiledFunction:
+    name, shapes, resident = job.name, job.shapes, job.resident
     t0 = time.perf_counter()
-    options = dict(xla_options or {})  # the run's own (RunConfig.xla_options)
+    options = dict(job.xla_options or {})  # the run's own (RunConfig.xla_options)
     try:
-        compiled = lower().compile(compiler_options=options or None)
-    except Exception as err:  # noqa: BLE001 - any XLA/Mosaic failure becomes a report row naming the function
+        compiled = job.lower().compile(compiler_options=options or None)
+    except Exception as err:
         message = f"{type(err).__name__}: {str(err).strip()}"
         return CompiledFunction(name, shapes, time.perf_counter() - t0, resident_bytes=resident, error=message)
     seconds = time.perf_counter() - t0
     stats = compiled.memory_analysis()
     return CompiledFunction(
-        name, shapes, seconds, argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,
-        alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
-        code_bytes=stats.generated_code_size_in_bytes, resident_bytes=resident,
-        hlo=compiled.as_text() if keep_hlo else None)
+        name,
+        shapes,
+        seconds,
+        argument_bytes=stats.argument_size_in_bytes,
+        output_bytes=stats.output_size_in_bytes,
+        alias_bytes=stats.alias_size_in_bytes,
+        temp_bytes=stats.temp_size_in_bytes,
+        code_bytes=stats.generated_code_size_in_bytes,
+        resident_bytes=resident,
+        hlo=compiled.as_text() if keep_hlo else None,
+    )
 
 
 def _spec(mesh: Mesh, shape, dtype, names) -> jax.ShapeDtypeStruct:
@@ -121,81 +163,115 @@ def _spec(mesh: Mesh, shape, dtype, names) -> jax.ShapeDtypeStruct:
 
 # ---- SFT ----------------------------------------------------------------------------------------
 
-def compile_sft(run, mesh: Mesh, keep_hlo: bool = False) -> list[CompiledFunction]:
-    from grouprank_jax.sft.step import make_sft_optimizer, make_sft_step
 
+def sft_jobs(run, mesh: Mesh) -> list[CompileJob]:
+    """The SFT trainer's step, as ``train_sft`` builds it, over abstract sharded state."""
     sft = run.sft
     lora = sft.lora_rank > 0
-    model_cfg = run.model.replace(lora_rank=sft.lora_rank, lora_alpha=sft.lora_alpha) if lora else run.model.replace(lora_rank=0)
+    model_cfg = (
+        run.model.replace(lora_rank=sft.lora_rank, lora_alpha=sft.lora_alpha)
+        if lora
+        else run.model.replace(lora_rank=0)
+    )
     tx = make_sft_optimizer(sft, total_steps=1000)  # the schedule's length does not change the program
     state = abstract_train_state(model_cfg, mesh, tx, lora)
     rows = sft.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"]
     shape = (sft.grad_accum_steps, rows, sft.max_seq_len)
     sharding = batch_sharding(mesh, 3, batch_axis=1)
-    batch = {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
-             for key in ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "attention_mask")}
-    step = make_sft_step(state.graphdef, tx, sft.loss_chunk_size, compiler_options=run.xla_options)
+    batch = {
+        key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+        for key in ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "attention_mask")
+    }
+    step = make_sft_step(state.graphdef, tx, run.model.loss_chunk_size, compiler_options=run.xla_options)
     words = f"{sft.grad_accum_steps} x {rows} rows x {sft.max_seq_len} tokens" + (", LoRA" if lora else "")
-    return [_compile("sft_step", words, lambda: step.lower(state.trainable, state.frozen, state.opt_state, batch),
-                     0, keep_hlo, run.xla_options)]
+    lower = lambda: step.lower(state.trainable, state.frozen, state.opt_state, batch)
+    return [CompileJob("sft_step", words, lower, 0, run.xla_options)]
 
 
 # ---- GRPO ---------------------------------------------------------------------------------------
 
-def compile_grpo(run, mesh: Mesh, keep_hlo: bool = False) -> list[CompiledFunction]:
-    from grouprank_jax.rl.losses import loss_kwargs
-    from grouprank_jax.rl.step import make_grpo_optimizer, make_grpo_update, make_logprob_fn
-    from grouprank_jax.rl.trainer import STOP_STRING
-    from grouprank_jax.sampling import Sampler, SamplingParams
-    from grouprank_jax.tokenizer import load_tokenizer
 
+def grpo_jobs(run, mesh: Mesh) -> list[CompileJob]:
+    """The GRPO trainer's update and reference log-probs and the sampler's prefill and decode, as
+    ``train_grpo`` builds them, at the largest buckets the config allows."""
     grpo = run.grpo
     lora = grpo.lora_enabled
-    model_cfg = (run.model.replace(lora_rank=grpo.lora_rank, lora_alpha=grpo.lora_alpha,
-                                   lora_targets=tuple(grpo.lora_targets)) if lora else run.model.replace(lora_rank=0))
+    model_cfg = (
+        run.model.replace(lora_rank=grpo.lora_rank, lora_alpha=grpo.lora_alpha, lora_targets=tuple(grpo.lora_targets))
+        if lora
+        else run.model.replace(lora_rank=0)
+    )
     tx = make_grpo_optimizer(grpo, total_updates=1000)
     state = abstract_train_state(model_cfg, mesh, tx, lora)
     G = grpo.rollouts_per_prompt
     P, C = grpo.max_prompt_len, grpo.max_response_len  # the largest buckets the trainer can form
-    chunk = run.sft.loss_chunk_size
+    chunk = run.model.loss_chunk_size
     opt_bytes = per_chip_bytes(state.opt_state)
     ref_copy = bool(grpo.kl_coef) and not lora  # full fine-tuning keeps a frozen copy as the KL reference
     ref_bytes = per_chip_bytes(state.trainable) if ref_copy else 0
-    out: list[CompiledFunction] = []
+    out: list[CompileJob] = []
 
     def rows_batch(rows: int, with_ref: bool) -> dict:
-        batch = {"seq_ids": _spec(mesh, (rows, P + C), jnp.int32, ("batch", None)),
-                 "seq_mask": _spec(mesh, (rows, P + C), jnp.int32, ("batch", None)),
-                 "completion_mask": _spec(mesh, (rows, C), jnp.int32, ("batch", None)),
-                 "old_logp": _spec(mesh, (rows, C), jnp.float32, ("batch", None)),
-                 "advantages": _spec(mesh, (rows,), jnp.float32, ("batch",))}
+        batch = {
+            "seq_ids": _spec(mesh, (rows, P + C), jnp.int32, ("batch", None)),
+            "seq_mask": _spec(mesh, (rows, P + C), jnp.int32, ("batch", None)),
+            "completion_mask": _spec(mesh, (rows, C), jnp.int32, ("batch", None)),
+            "old_logp": _spec(mesh, (rows, C), jnp.float32, ("batch", None)),
+            "advantages": _spec(mesh, (rows,), jnp.float32, ("batch",)),
+        }
         if with_ref:
             batch["ref_logp"] = _spec(mesh, (rows, C), jnp.float32, ("batch", None))
         return batch
 
     mini_rows = grpo.mini_batch_prompts * G
     micro = grpo.micro_batch_rows or mini_rows
-    update = make_grpo_update(state.graphdef, tx, loss_kwargs(grpo), P, chunk, micro_rows=grpo.micro_batch_rows,
-                              compiler_options=run.xla_options)
+    update = make_grpo_update(
+        state.graphdef,
+        tx,
+        loss_kwargs(grpo),
+        P,
+        chunk,
+        micro_rows=grpo.micro_batch_rows,
+        compiler_options=run.xla_options,
+    )
     batch = rows_batch(mini_rows, bool(grpo.kl_coef))
-    out.append(_compile("grpo_update", f"{mini_rows} rows x {P}+{C} tokens, {micro} rows per pass",
-                        lambda: update.lower(state.trainable, state.frozen, state.opt_state, batch), ref_bytes, keep_hlo,
-                        run.xla_options))
+    out.append(
+        CompileJob(
+            "grpo_update",
+            f"{mini_rows} rows x {P}+{C} tokens, {micro} rows per pass",
+            lambda: update.lower(state.trainable, state.frozen, state.opt_state, batch),
+            ref_bytes,
+            run.xla_options,
+        )
+    )
     if grpo.kl_coef:
         all_rows = grpo.global_batch_prompts * G
-        ref_fn = make_logprob_fn(state.graphdef, P, chunk, use_lora=False, micro_rows=grpo.micro_batch_rows,
-                                 compiler_options=run.xla_options)
+        ref_fn = make_logprob_fn(
+            state.graphdef, P, chunk, use_lora=False, micro_rows=grpo.micro_batch_rows, compiler_options=run.xla_options
+        )
         ids = rows_batch(all_rows, False)
         # LoRA: the reference is the adapters switched off; full: the frozen copy (same shapes).
         resident = opt_bytes + (per_chip_bytes(state.trainable) if ref_copy else 0)
-        out.append(_compile("grpo_ref_logprobs", f"{all_rows} rows x {P}+{C} tokens, {micro} rows per pass",
-                            lambda: ref_fn.lower(state.trainable, state.frozen, ids["seq_ids"], ids["seq_mask"]),
-                            resident, keep_hlo, run.xla_options))
+        out.append(
+            CompileJob(
+                "grpo_ref_logprobs",
+                f"{all_rows} rows x {P}+{C} tokens, {micro} rows per pass",
+                lambda: ref_fn.lower(state.trainable, state.frozen, ids["seq_ids"], ids["seq_mask"]),
+                resident,
+                run.xla_options,
+            )
+        )
     model = nnx.merge(state.graphdef, state.trainable, state.frozen)
     resident = opt_bytes + ref_bytes
     sampler_options = {**run.xla_options, **tpu_reserved_hbm_options(mesh, resident)}  # as the trainer builds it
-    sampler = Sampler(model, tokenizer=load_tokenizer(), mesh=mesh, max_prompt_len=P, max_new_tokens=C,
-                      compiler_options=sampler_options)
+    sampler = Sampler(
+        model,
+        tokenizer=load_tokenizer(),
+        mesh=mesh,
+        max_prompt_len=P,
+        max_new_tokens=C,
+        compiler_options=sampler_options,
+    )
     params = SamplingParams(temperature=grpo.temperature, n=G, max_new_tokens=C, stop=(STOP_STRING,))
     lowered: dict = {}
 
@@ -205,12 +281,14 @@ def compile_grpo(run, mesh: Mesh, keep_hlo: bool = False) -> list[CompiledFuncti
         return lowered["pair"][which]
 
     b, t = sampler.bucket_shape(grpo.global_batch_prompts, P)
-    out.append(_compile("sampler_prefill", f"{b} prompts x {t} tokens, n={G}", lambda: lower(0), resident, keep_hlo))
-    out.append(_compile("sampler_decode", f"{b * G} rows x {t}+{C} slots", lambda: lower(1), resident, keep_hlo))
+    # The sampler's options (the resident reservation included) are inside its own jits.
+    out.append(CompileJob("sampler_prefill", f"{b} prompts x {t} tokens, n={G}", lambda: lower(0), resident))
+    out.append(CompileJob("sampler_decode", f"{b * G} rows x {t}+{C} slots", lambda: lower(1), resident))
     return out
 
 
 # ---- the report ---------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
@@ -236,33 +314,46 @@ class CompileReport:
         for f in self.functions:
             keys = ", ".join(CONFIG_KEYS[f.name])
             if not f.ok:
-                hint = "model.attention_impl" if any(w in f.error.lower() for w in ("mosaic", "pallas", "splash")) else keys
+                hint = (
+                    "model.attention_impl"
+                    if any(w in f.error.lower() for w in ("mosaic", "pallas", "splash"))
+                    else keys
+                )
                 out.append(f"{f.name}: compile failed ({_first_line(f.error)}); look at {hint}")
             elif not self.fits(f):
-                out.append(f"{f.name}: needs {f.total_bytes / GIB:.2f} GiB per chip of {self.hbm_bytes / GIB:.2f} "
-                           f"GiB HBM; shrink it with {keys}")
+                out.append(
+                    f"{f.name}: needs {f.total_bytes / GIB:.2f} GiB per chip of {self.hbm_bytes / GIB:.2f} "
+                    f"GiB HBM; shrink it with {keys}"
+                )
         return out
 
     def table(self) -> str:
         t = self.topology
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
-        lines = [f"topology {t.name}: {t.num_devices} x {t.chip.name} ({self.hbm_bytes / GIB:g} GiB usable HBM per XLA), "
-                 f"{t.num_processes} hosts; mesh {mesh}", "",
-                 "| function | shapes | compile s | args | out | temp | code | resident | total GiB/chip | "
-                 "fits | plan GiB | plan / XLA |",
-                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+        lines = [
+            f"topology {t.name}: {t.num_devices} x {t.chip.name} ({self.hbm_bytes / GIB:g} GiB usable HBM per XLA), "
+            f"{t.num_processes} hosts; mesh {mesh}",
+            "",
+            "| function | shapes | compile s | args | out | temp | code | resident | total GiB/chip | "
+            "fits | plan GiB | plan / XLA |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        ]
         for f in self.functions:
             est = self.estimates.get(f.name)
             if not f.ok:
-                lines.append(f"| {f.name} | {f.shapes} | {f.seconds:.1f} | - | - | - | - | - | - | COMPILE ERROR | "
-                             f"{'-' if est is None else f'{est / GIB:.2f}'} | - |")
+                lines.append(
+                    f"| {f.name} | {f.shapes} | {f.seconds:.1f} | - | - | - | - | - | - | COMPILE ERROR | "
+                    f"{'-' if est is None else f'{est / GIB:.2f}'} | - |"
+                )
                 continue
-            gib = lambda x: f"{x / GIB:.2f}"  # noqa: E731
+            gib = lambda x: f"{x / GIB:.2f}"
             ratio = "-" if est is None else f"{est / f.xla_bytes:.2f}"
             lines.append(
-                f"| {f.name} | {f.shapes} | {f.seconds:.1f} | {gib(f.argument_bytes)} | {gib(f.output_bytes - f.alias_bytes)} "
+                f"| {f.name} | {f.shapes} | {f.seconds:.1f} | {gib(f.argument_bytes)} "
+                f"| {gib(f.output_bytes - f.alias_bytes)} "
                 f"| {gib(f.temp_bytes)} | {gib(f.code_bytes)} | {gib(f.resident_bytes)} | {gib(f.total_bytes)} | "
-                f"{'yes' if self.fits(f) else 'NO'} | {'-' if est is None else gib(est)} | {ratio} |")
+                f"{'yes' if self.fits(f) else 'NO'} | {'-' if est is None else gib(est)} | {ratio} |"
+            )
         lines.append("")
         lines += [f"FAILED: {msg}" for msg in self.failures()] or ["OK: every function compiles and fits"]
         return "\n".join(lines)
@@ -273,20 +364,30 @@ def _first_line(text: str) -> str:
     return line[:300]
 
 
-def compile_run(run, topology: Topology, phases=("sft", "grpo"), keep_hlo: bool = False,
-                on_function: Callable[[CompiledFunction], None] | None = None) -> CompileReport:
-    """Compile ``run``'s programs for ``topology`` (TPU slices; see ``topology_devices``)."""
-    from grouprank_jax.preflight.memory import function_estimates
-    from grouprank_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
-
+def compile_run(
+    run,
+    topology: Topology,
+    phases=("sft", "grpo"),
+    keep_hlo: bool = False,
+    on_function: Callable[[CompiledFunction], None] | None = None,
+    only: Collection[str] | None = None,
+) -> CompileReport:
+    """Compile ``run``'s programs for ``topology`` (TPU slices; see ``topology_devices``);
+    ``only`` restricts them to those function names (e.g. one program of a large model, whose
+    compile can need tens of GB of host memory)."""
+    unknown = sorted(set(only or ()) - set(FUNCTIONS))
+    if unknown:
+        raise ValueError(f"unknown function(s) {unknown}; choose from {list(FUNCTIONS)}")
     devices = topology_devices(topology)
     mesh = make_mesh(run.mesh, devices)
     functions: list[CompiledFunction] = []
     for phase in phases:
-        for fn in (compile_sft if phase == "sft" else compile_grpo)(run, mesh, keep_hlo):
-            functions.append(fn)
+        for job in (sft_jobs if phase == "sft" else grpo_jobs)(run, mesh):
+            if only and job.name not in only:
+                continue
+            functions.append(compile_job(job, keep_hlo))
             if on_function is not None:
-                on_function(fn)
+                on_function(functions[-1])
     mesh_shape = dict(zip(MESH_AXES, resolve_mesh_shape(run.mesh, topology.num_devices)))
     estimates = function_estimates(run, topology, phases)
     return CompileReport(topology, mesh_shape, tuple(functions), estimates)

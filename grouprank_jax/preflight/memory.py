@@ -14,9 +14,10 @@ Training-step temporaries (``_train_temporaries``), calibrated against TPU XLA's
 
 - gathered weights: XLA all-gathers each layer's FSDP-sharded weights for its matmuls. Under
   gradient accumulation (a scan over micro-batches) the gathers are loop-invariant and XLA hoists
-  them out of the loop, so every layer's gathered copy stays live for the whole step (the memory
-  report of a compiled step shows them all): ``a * sum(layer params / tensor)``; without
-  accumulation two layers are in flight.
+  them out of the loop when HBM allows, so every layer's gathered copy stays live for the whole
+  step (the memory report of a compiled step shows them all): ``a * sum(layer params / tensor)``.
+  When that would not fit (Qwen2.5-32B over fsdp=128: 58 GiB of gathered layers) it gathers
+  again per micro-batch; so does the estimate: two layers in flight, as without accumulation.
 - gradients: fp32, once more when micro-batches are accumulated, and AdamW's update tree:
   ``4 * trainable * (2 or 3)``.
 - activations per token and layer: remat ``none`` ``a * (2F + 3D + 2NH + 2KH)``;
@@ -42,8 +43,13 @@ import functools
 import math
 import types
 
+import jax.numpy as jnp
+from flax import nnx
+
 from grouprank_jax.config import ModelConfig
-from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, logical_to_spec
+from grouprank_jax.models.attention import resolve_impl
+from grouprank_jax.models.qwen2 import Qwen2ForCausalLM
+from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, MESH_AXES, logical_to_spec, resolve_mesh_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +68,6 @@ class ParamInfo:
 @functools.lru_cache(maxsize=16)
 def model_params(cfg: ModelConfig) -> tuple[ParamInfo, ...]:
     """Every Variable's shape and logical axes, from an abstract (never allocated) model."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from grouprank_jax.models.qwen2 import Qwen2ForCausalLM
 
     # Decoder layers are identical modules, so one is built and its Variables repeated per layer:
     # tracing 64 abstract layers costs ~8 s, one costs ~0.2 s, and the shapes are the same.
@@ -76,8 +78,16 @@ def model_params(cfg: ModelConfig) -> tuple[ParamInfo, ...]:
         value = var.get_value()
         axes = var.get_metadata().get("logical_axes") or (None,) * len(value.shape)
         names = [path] if path[0] != "layers" else [("layers", i, *path[2:]) for i in range(cfg.num_layers)]
-        out += [ParamInfo("/".join(map(str, p)), tuple(value.shape), tuple(axes),
-                          jnp.dtype(value.dtype).itemsize, isinstance(var, nnx.LoRAParam)) for p in names]
+        out += [
+            ParamInfo(
+                "/".join(map(str, p)),
+                tuple(value.shape),
+                tuple(axes),
+                jnp.dtype(value.dtype).itemsize,
+                isinstance(var, nnx.LoRAParam),
+            )
+            for p in names
+        ]
     return tuple(out)
 
 
@@ -91,7 +101,7 @@ def shard_factor(axes, shape, mesh_shape: dict[str, int], rules=LOGICAL_AXIS_RUL
     spec = logical_to_spec(axes, shape, _spec_mesh(mesh_shape), rules)
     factor = 1
     for entry in spec:
-        for axis in (entry if isinstance(entry, tuple) else (entry,) if entry else ()):
+        for axis in entry if isinstance(entry, tuple) else (entry,) if entry else ():
             factor *= mesh_shape[axis]
     return factor
 
@@ -104,8 +114,11 @@ def divisibility_violations(names, shape, mesh_shape: dict[str, int], rules=LOGI
         axes = [a for a in (table.get(name) or ()) if mesh_shape.get(a, 1) > 1] if name else []
         size = math.prod(mesh_shape[a] for a in axes)
         if size > 1 and dim % size:
-            by = f"{axes[0]}={size}" if len(axes) == 1 else (
-                "*".join(axes) + f"={size} (" + ", ".join(f"{a}={mesh_shape[a]}" for a in axes) + ")")
+            by = (
+                f"{axes[0]}={size}"
+                if len(axes) == 1
+                else ("*".join(axes) + f"={size} (" + ", ".join(f"{a}={mesh_shape[a]}" for a in axes) + ")")
+            )
             out.append(f"{name}={dim} is not divisible by {by}")
     return out
 
@@ -140,7 +153,6 @@ def _local(dim: int, axis_rule: str, mesh_shape: dict[str, int]) -> int:
 
 
 def _dtype_bytes(name: str) -> int:
-    import jax.numpy as jnp
 
     return jnp.dtype(name).itemsize
 
@@ -184,8 +196,11 @@ class ModelShape:
         """``layers`` decoder layers' weights in the compute dtype, gathered over fsdp (FSDP
         all-gathers them for each matmul; tensor sharding stays)."""
         no_fsdp = {**self.mesh_shape, "fsdp": 1}
-        per_layer = sum(p.size / shard_factor(p.axes, p.shape, no_fsdp) for p in self.params
-                        if p.path.startswith("layers/0/") and not p.lora)
+        per_layer = sum(
+            p.size / shard_factor(p.axes, p.shape, no_fsdp)
+            for p in self.params
+            if p.path.startswith("layers/0/") and not p.lora
+        )
         return layers * per_layer * self.a
 
     @functools.cached_property
@@ -206,14 +221,20 @@ class ModelShape:
     def dims(self):
         ms, c = self.mesh_shape, self.cfg
         return types.SimpleNamespace(
-            d=c.hidden_size, h=c.head_dim, L=c.num_layers,
-            n=_local(c.num_heads, "heads", ms), k=_local(c.num_kv_heads, "kv_heads", ms),
-            f=_local(c.intermediate_size, "mlp", ms), v=_local(c.vocab_size, "vocab", ms))
+            d=c.hidden_size,
+            h=c.head_dim,
+            L=c.num_layers,
+            n=_local(c.num_heads, "heads", ms),
+            k=_local(c.num_kv_heads, "kv_heads", ms),
+            f=_local(c.intermediate_size, "mlp", ms),
+            v=_local(c.vocab_size, "vocab", ms),
+        )
 
 
 def _fused(cfg: ModelConfig, platform: str) -> bool:
-    impl = cfg.attention_impl if cfg.attention_impl != "auto" else {"tpu": "splash", "gpu": "cudnn"}.get(platform, "chunked")
-    return impl in ("splash", "cudnn") and platform in ("tpu", "gpu")
+    """Whether training attention runs a fused kernel (splash, cuDNN) on ``platform``: the
+    model's own kernel choice (``models/attention.resolve_impl``)."""
+    return resolve_impl(cfg.attention_impl, False, platform, cfg.splash_interpret) in ("splash", "cudnn")
 
 
 def latency_hiding_overlap(cfg: ModelConfig, platform: str, xla_options: dict | None) -> float:
@@ -232,33 +253,60 @@ def latency_hiding_overlap(cfg: ModelConfig, platform: str, xla_options: dict | 
     return 4.0 * min(1.0, cfg.num_layers / 16)
 
 
-def _train_temporaries(s: ModelShape, rows: int, seq: int, accumulate: bool, loss_tokens: int, chunk: int,
-                       platform: str, xla_options: dict | None = None) -> list[MemoryLine]:
-    """Temporaries of one jitted training step: ``rows`` x ``seq`` tokens per chip per pass."""
+def _train_temporaries(
+    s: ModelShape,
+    rows: int,
+    seq: int,
+    accumulate: bool,
+    loss_tokens: int,
+    chunk: int,
+    platform: str,
+    xla_options: dict | None = None,
+    hoist_gathers: bool | None = None,
+) -> list[MemoryLine]:
+    """Temporaries of one jitted training step: ``rows`` x ``seq`` tokens per chip per pass.
+    ``hoist_gathers`` (default: ``accumulate``) keeps every layer's gathered weights live."""
     x, a, cfg = s.dims, s.a, s.cfg
     t = rows * seq
     fused = _fused(cfg, platform)
     attn = 4 * x.n * (1 if fused else seq)  # per token and layer
-    keep = {"none": a * (2 * x.f + 3 * x.d + 2 * x.n * x.h + 2 * x.k * x.h) + attn,
-            "dots_saveable": a * (2 * x.f + 2 * x.d + x.n * x.h + 2 * x.k * x.h) + attn,
-            "full": a * x.d}[cfg.remat]
+    keep = {
+        "none": a * (2 * x.f + 3 * x.d + 2 * x.n * x.h + 2 * x.k * x.h) + attn,
+        "dots_saveable": a * (2 * x.f + 2 * x.d + x.n * x.h + 2 * x.k * x.h) + attn,
+        "full": a * x.d,
+    }[cfg.remat]
     work = a * 3 * x.f if cfg.remat == "none" else a * (6 * x.f + 2 * x.d + 2 * x.n * x.h) + attn
     grads = 4 * s.trainable_count * (3 if accumulate else 2)
     logits_tokens = min(loss_tokens, chunk, t)
     overlap = latency_hiding_overlap(cfg, platform, xla_options) if cfg.remat != "none" else 0.0
+    hoist = accumulate if hoist_gathers is None else hoist_gathers
     lines = [
         MemoryLine("embedding gather", s.embedding_gather_bytes, "table gathered over fsdp for the lookup"),
-        MemoryLine("gathered weights", s.gathered_layer_bytes(x.L if accumulate else 2),
-                   f"{'every layer' if accumulate else 'two layers'} in {cfg.dtype}, gathered over fsdp"),
+        MemoryLine(
+            "gathered weights",
+            s.gathered_layer_bytes(x.L if hoist else 2),
+            f"{'every layer' if hoist else 'two layers'} in {cfg.dtype}, gathered over fsdp",
+        ),
         MemoryLine("gradients", grads, "fp32" + (" + accumulator" if accumulate else "") + " + AdamW update"),
-        MemoryLine("activations", t * (x.L * keep + work),
-                   f"remat {cfg.remat}; {rows}x{seq} tokens/chip; {'fused' if fused else 'blockwise'} attention"),
-        MemoryLine("LM head", 2 * 4 * logits_tokens * x.v + (4 + a) * s.head_count,
-                   f"{logits_tokens}-token fp32 logits block and its gradient; head in fp32 + {cfg.dtype}"),
+        MemoryLine(
+            "activations",
+            t * (x.L * keep + work),
+            f"remat {cfg.remat}; {rows}x{seq} tokens/chip; {'fused' if fused else 'blockwise'} attention",
+        ),
+        MemoryLine(
+            "LM head",
+            2 * 4 * logits_tokens * x.v + (4 + a) * s.head_count,
+            f"{logits_tokens}-token fp32 logits block and its gradient; head in fp32 + {cfg.dtype}",
+        ),
     ]
     if overlap:
-        lines.append(MemoryLine("latency-hiding overlap", overlap * t * work,
-                                f"{overlap:g} more recompute working sets (TPU XLA's latency-hiding scheduler)"))
+        lines.append(
+            MemoryLine(
+                "latency-hiding overlap",
+                overlap * t * work,
+                f"{overlap:g} more recompute working sets (TPU XLA's latency-hiding scheduler)",
+            )
+        )
     return lines
 
 
@@ -268,8 +316,11 @@ def _forward_temporaries(s: ModelShape, tokens: int, platform: str, with_head: b
     lines = [
         MemoryLine("embedding gather", s.embedding_gather_bytes, "table gathered over fsdp for the lookup"),
         MemoryLine("gathered weights", s.gathered_layer_bytes(2), "two layers in flight"),
-        MemoryLine("activations", tokens * (a * (4 * x.f + 4 * x.d + 2 * x.n * x.h + 2 * x.k * x.h) + attn),
-                   f"one layer's working set, {tokens} tokens/chip"),
+        MemoryLine(
+            "activations",
+            tokens * (a * (4 * x.f + 4 * x.d + 2 * x.n * x.h + 2 * x.k * x.h) + attn),
+            f"one layer's working set, {tokens} tokens/chip",
+        ),
     ]
     if with_head:
         lines.append(MemoryLine("LM head", 4 * min(chunk, tokens) * x.v, "one fp32 logits block"))
@@ -288,8 +339,9 @@ def stage_model(run, stage: str) -> tuple[ModelConfig, bool]:
     if stage == "sft" and run.sft.lora_rank:
         return cfg.replace(lora_rank=run.sft.lora_rank, lora_alpha=run.sft.lora_alpha), True
     if stage == "grpo" and run.grpo.lora_enabled:
-        return cfg.replace(lora_rank=run.grpo.lora_rank, lora_alpha=run.grpo.lora_alpha,
-                           lora_targets=tuple(run.grpo.lora_targets)), True
+        return cfg.replace(
+            lora_rank=run.grpo.lora_rank, lora_alpha=run.grpo.lora_alpha, lora_targets=tuple(run.grpo.lora_targets)
+        ), True
     return cfg.replace(lora_rank=0), False
 
 
@@ -297,8 +349,20 @@ def _div(a: int, b: int) -> int:
     return max(1, -(-a // b))
 
 
-def stage_functions(run, stage: str, mesh_shape: dict, platform: str) -> list[FunctionEstimate]:
-    """The estimates of every program ``stage`` compiles."""
+def _hoisting(fixed: list[MemoryLine], temporaries, budget: float | None) -> list[MemoryLine]:
+    """A training step's temporaries with hoisted gathers when they fit ``budget`` with the rest,
+    else with per-micro-batch gathers (what XLA does)."""
+    hoisted = temporaries(None)
+    if budget is None or sum(x.bytes for x in fixed + hoisted) <= budget:
+        return hoisted
+    return temporaries(False)
+
+
+def stage_functions(
+    run, stage: str, mesh_shape: dict, platform: str, budget: float | None = None
+) -> list[FunctionEstimate]:
+    """The estimates of every program ``stage`` compiles (``budget``: the per-chip bytes a program
+    may use, which decides whether XLA can keep hoisted weight gathers)."""
     cfg, lora = stage_model(run, stage)
     s = ModelShape(cfg, dict(mesh_shape), lora)
     shards = mesh_shape["data"] * mesh_shape["fsdp"]
@@ -307,44 +371,72 @@ def stage_functions(run, stage: str, mesh_shape: dict, platform: str) -> list[Fu
     if stage == "sft":
         sft = run.sft
         batch = MemoryLine("batch", 6 * 4 * sft.grad_accum_steps * sft.per_device_batch * sft.max_seq_len, "int32")
-        lines = [params, opt, batch] + _train_temporaries(
-            s, sft.per_device_batch, sft.max_seq_len, sft.grad_accum_steps > 1, sft.max_seq_len, sft.loss_chunk_size,
-            platform, run.xla_options)
+        fixed = [params, opt, batch]
+        lines = fixed + _hoisting(
+            fixed,
+            lambda hoist: _train_temporaries(
+                s,
+                sft.per_device_batch,
+                sft.max_seq_len,
+                sft.grad_accum_steps > 1,
+                sft.max_seq_len,
+                cfg.loss_chunk_size,
+                platform,
+                run.xla_options,
+                hoist,
+            ),
+            budget,
+        )
         return [FunctionEstimate("sft_step", tuple(lines))]
 
     g = run.grpo
     G, P, C = g.rollouts_per_prompt, g.max_prompt_len, g.max_response_len
-    chunk = run.sft.loss_chunk_size
+    chunk = cfg.loss_chunk_size
     mini_rows = g.mini_batch_prompts * G
     micro = g.micro_batch_rows or mini_rows
     micro_local = _div(micro, shards)
     ref_copy = 4 * s.trainable_count if (g.kl_coef and not lora) else 0.0  # frozen copy, param dtype
     rows_local = _div(mini_rows, shards)
     batch = MemoryLine("rollout rows", rows_local * ((P + C) * 8 + C * 16 + 4), "ids, masks, log-probs, advantages")
-    update = [params, opt, batch] + _train_temporaries(s, micro_local, P + C, micro < mini_rows, C, chunk, platform,
-                                                       run.xla_options)
+    fixed = [params, opt, batch]
+    update = fixed + _hoisting(
+        fixed,
+        lambda hoist: _train_temporaries(
+            s, micro_local, P + C, micro < mini_rows, C, chunk, platform, run.xla_options, hoist
+        ),
+        budget,
+    )
     out = [FunctionEstimate("grpo_update", tuple(update), ref_copy, "frozen KL reference" if ref_copy else "")]
     all_rows = _div(g.global_batch_prompts * G, shards)
     if g.kl_coef:
-        ref = [params, MemoryLine("rollout ids", all_rows * (P + C) * 8 + all_rows * C * 4, "ids, mask in; log-probs out")]
+        ref = [
+            params,
+            MemoryLine("rollout ids", all_rows * (P + C) * 8 + all_rows * C * 4, "ids, mask in; log-probs out"),
+        ]
         ref += _forward_temporaries(s, micro_local * (P + C), platform, True, chunk)
         out.append(FunctionEstimate("grpo_ref_logprobs", tuple(ref), s.opt_bytes + ref_copy, "optimizer state"))
     prompts_local = _div(g.global_batch_prompts, shards)
     resident, note = s.opt_bytes + ref_copy, "optimizer state" + (" + KL reference" if ref_copy else "")
     cache_rows = kv_cache_bytes(s, prompts_local * G, P + C)
-    prefill = [params,
-               MemoryLine("KV cache (output)", cache_rows, f"{prompts_local} prompts x G={G} rows x {P}+{C} slots"),
-               MemoryLine("prefill cache", kv_cache_bytes(s, prompts_local, P + C), "before the repeat for G rollouts")]
+    prefill = [
+        params,
+        MemoryLine("KV cache (output)", cache_rows, f"{prompts_local} prompts x G={G} rows x {P}+{C} slots"),
+        MemoryLine("prefill cache", kv_cache_bytes(s, prompts_local, P + C), "before the repeat for G rollouts"),
+    ]
     prefill += _forward_temporaries(s, prompts_local * P, platform, False, chunk)
     out.append(FunctionEstimate("sampler_prefill", tuple(prefill), resident, note))
     rows = prompts_local * G
-    decode = [params,
-              MemoryLine("KV cache (donated)", cache_rows, f"{rows} rows x {P}+{C} slots"),
-              MemoryLine("KV cache (loop copy)", cache_rows, "the while loop's second buffer"),
-              MemoryLine("step temporaries", rows * (6 * 4 * s.dims.v + 8 * C) + s.gathered_layer_bytes(2)
-                         + s.embedding_gather_bytes,
-                         "fp32 logits and the draw's vocabulary-wide buffers, tokens/log-probs, two gathered "
-                         "layers, the gathered embedding table")]
+    decode = [
+        params,
+        MemoryLine("KV cache (donated)", cache_rows, f"{rows} rows x {P}+{C} slots"),
+        MemoryLine("KV cache (loop copy)", cache_rows, "the while loop's second buffer"),
+        MemoryLine(
+            "step temporaries",
+            rows * (6 * 4 * s.dims.v + 8 * C) + s.gathered_layer_bytes(2) + s.embedding_gather_bytes,
+            "fp32 logits and the draw's vocabulary-wide buffers, tokens/log-probs, two gathered "
+            "layers, the gathered embedding table",
+        ),
+    ]
     out.append(FunctionEstimate("sampler_decode", tuple(decode), resident, note))
     return out
 
@@ -352,11 +444,11 @@ def stage_functions(run, stage: str, mesh_shape: dict, platform: str) -> list[Fu
 def function_estimates(run, topology, phases) -> dict[str, float]:
     """Function name -> estimated per-chip bytes of that program alone (what XLA's
     ``memory_analysis`` accounts), for ``grouprank compile``'s comparison column."""
-    from grouprank_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
 
     mesh_shape = dict(zip(MESH_AXES, resolve_mesh_shape(run.mesh, topology.num_devices)))
+    budget = (topology.chip.xla_hbm_gib or topology.chip.hbm_gib) * 1024**3
     out = {}
     for phase in phases:
-        for fn in stage_functions(run, phase, mesh_shape, topology.chip.platform):
+        for fn in stage_functions(run, phase, mesh_shape, topology.chip.platform, budget):
             out[fn.name] = fn.bytes
     return out

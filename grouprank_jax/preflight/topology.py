@@ -12,10 +12,13 @@ backend otherwise spends ~11 s probing for a TPU.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.util
 import math
 import os
 import re
+
+from jax.experimental import topologies
 
 GIB = 1024**3
 
@@ -111,8 +114,10 @@ def slice_shape(chip: str, chips: int) -> tuple[int, ...]:
     slice by doubling the shortest side (the last one on ties), which reproduces Cloud TPU's
     published shapes for power-of-two slices."""
     if chips & (chips - 1):
-        raise ValueError(f"{chips} {chip} chips is not a power of two: no standard slice shape; "
-                         "name the grid explicitly, e.g. --topology v5p:4x4x2")
+        raise ValueError(
+            f"{chips} {chip} chips is not a power of two: no standard slice shape; "
+            "name the grid explicitly, e.g. --topology v5p:4x4x2"
+        )
     three_d = chip in ("v4", "v5p")
     dims = [2, 2, 1] if three_d else [1, 1]
     if three_d and chips < 4:
@@ -140,30 +145,51 @@ def topology_devices(topology: Topology) -> list:
     if topology.chip.platform != "tpu":
         raise NotImplementedError(
             f"{topology.name}: XLA can describe TPU slices from any host, but not GPUs without a CUDA "
-            "runtime; compile on a GPU node instead, or use `grouprank plan` for the analytical check")
-    try:
-        from jax.experimental import topologies
-    except ImportError as err:  # pragma: no cover - jax always ships it
-        raise RuntimeError(f"jax.experimental.topologies is unavailable: {err}") from err
+            "runtime; compile on a GPU node instead, or use `grouprank plan` for the analytical check"
+        )
     # libtpu takes /tmp/libtpu_lockfile so that two processes never drive one TPU; describing a
     # slice drives nothing, and compiles (CI's parallel test workers, a compile beside a running
     # job) must not exclude each other.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"):
+        # No TPU attached: libtpu would look for this VM's TPU metadata and print a screenful of
+        # warnings about it on every start. Describing a slice needs none of it.
+        for key, value in (
+            ("TPU_SKIP_MDS_QUERY", "1"),
+            ("TPU_ACCELERATOR_TYPE", "v5p-8"),
+            ("TPU_WORKER_HOSTNAMES", "localhost"),
+            ("TPU_STDERR_LOG_LEVEL", "3"),
+            ("TPU_MIN_LOG_LEVEL", "3"),
+        ):
+            os.environ.setdefault(key, value)
     chip = topology.chip.name
-    per_host = (2, 4, 1) if topology.chips_per_host == 8 else (2, 2, 1) if topology.chips_per_host == 4 else (
-        (1, 1, 1) if topology.chips_per_host == 1 else (1, 2, 1))
+    per_host = (
+        (2, 4, 1)
+        if topology.chips_per_host == 8
+        else (2, 2, 1)
+        if topology.chips_per_host == 4
+        else ((1, 1, 1) if topology.chips_per_host == 1 else (1, 2, 1))
+    )
     try:
         desc = topologies.get_topology_desc(
-            platform="tpu", topology_name=libtpu_topology_name(topology),
-            chip_config_name=_CHIP_CONFIG.get(chip, "default"), chips_per_host_bounds=per_host,
-            num_slices=topology.num_slices)
+            platform="tpu",
+            topology_name=libtpu_topology_name(topology),
+            chip_config_name=_CHIP_CONFIG.get(chip, "default"),
+            chips_per_host_bounds=per_host,
+            num_slices=topology.num_slices,
+        )
     except RuntimeError as err:
-        hint = ("install the TPU extra (pip install 'grouprank-jax[tpu]'), which brings libtpu"
-                if importlib.util.find_spec("libtpu") is None else "check the topology name")
-        raise RuntimeError(f"libtpu cannot describe {topology.name} ({libtpu_topology_name(topology)}): "
-                           f"{str(err)[:300]}; {hint}") from err
+        hint = (
+            "install the TPU extra (pip install 'grouprank-jax[tpu]'), which brings libtpu"
+            if importlib.util.find_spec("libtpu") is None
+            else "check the topology name"
+        )
+        raise RuntimeError(
+            f"libtpu cannot describe {topology.name} ({libtpu_topology_name(topology)}): {str(err)[:300]}; {hint}"
+        ) from err
     devices = list(desc.devices)
     if len(devices) != topology.num_devices:
-        raise RuntimeError(f"libtpu describes {len(devices)} devices for {topology.name}, the planner expects "
-                           f"{topology.num_devices}")
+        raise RuntimeError(
+            f"libtpu describes {len(devices)} devices for {topology.name}, the planner expects {topology.num_devices}"
+        )
     return devices

@@ -13,7 +13,7 @@ Std convention (documented because it changes advantages visibly at G = 8):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 

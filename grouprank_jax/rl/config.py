@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-ADVANTAGE_MODES = ("grpo", "dr_grpo")
-KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-POLICY_LOSSES = ("clip",)
+from grouprank_jax.rl.advantages import ADVANTAGE_FNS
+from grouprank_jax.rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +69,13 @@ class GRPOConfig:
     lora_rank: int = 32  # [paper Table 10]
     lora_alpha: float = 32.0  # [paper Table 10]
     lora_targets: tuple[str, ...] = (  # "all linear layers" [paper Table 10]
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
     )
 
     # ---- document-group size (multi-scale, paper Alg. 1) ------------------------------
@@ -81,11 +85,11 @@ class GRPOConfig:
     curriculum_steps: int = 0  # linear min->max ramp length when the curriculum is on
 
     def __post_init__(self):
-        _check_choice("advantage", self.advantage, ADVANTAGE_MODES)
+        _check_choice("advantage", self.advantage, tuple(ADVANTAGE_FNS))
         _check_choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
-        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _check_choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES)
-        _check_choice("policy_loss", self.policy_loss, POLICY_LOSSES)
+        _check_choice("kl_estimator", self.kl_estimator, tuple(KL_ESTIMATORS))
+        _check_choice("loss_agg_mode", self.loss_agg_mode, tuple(AGGREGATIONS))
+        _check_choice("policy_loss", self.policy_loss, tuple(POLICY_LOSSES))
         if self.rollouts_per_prompt < 2 and self.advantage == "grpo":
             # ddof=1 std of one sample is undefined; GRPO needs a group to compare within.
             raise ValueError("advantage='grpo' needs rollouts_per_prompt >= 2")
@@ -99,13 +103,8 @@ class GRPOConfig:
         if not 1 <= self.group_size_min <= self.group_size_max:
             raise ValueError("need 1 <= group_size_min <= group_size_max")
 
-    def replace(self, **changes) -> "GRPOConfig":
+    def replace(self, **changes) -> GRPOConfig:
         return dataclasses.replace(self, **changes)
-
-    @property
-    def lora_scale(self) -> float:
-        """alpha / rank, the factor applied to the LoRA product (1.0 in the paper's setting)."""
-        return self.lora_alpha / self.lora_rank
 
     @property
     def updates_per_rollout_batch(self) -> int:

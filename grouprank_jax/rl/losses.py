@@ -23,7 +23,7 @@ Mapping to TRL 1.16 ``loss_type`` (single process, no grad accumulation):
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -90,15 +90,18 @@ def kl_k3(x):
 
 
 KL_ESTIMATORS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
-    "k1": kl_k1, "k2": kl_k2, "k3": kl_k3,
+    "k1": kl_k1,
+    "k2": kl_k2,
+    "k3": kl_k3,
 }
 # verl clamps only k3 ("low_var_kl"): log-ratio to +-20 (exp overflow) and the value to
 # +-10. Clamped tokens get zero KL gradient; TRL has no clamp, equal whenever unsaturated.
 _CLAMPED_KL = frozenset({"k3"})
 
 
-def kl_penalty(logp, ref_logp, estimator: str = "k3", *, log_ratio_clamp: float | None = 20.0,
-               value_clamp: float | None = 10.0):
+def kl_penalty(
+    logp, ref_logp, estimator: str = "k3", *, log_ratio_clamp: float | None = 20.0, value_clamp: float | None = 10.0
+):
     """Per-token KL estimate [B, T]; the gradient flows through ``logp`` only."""
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl estimator {estimator!r}; choose one of {tuple(KL_ESTIMATORS)}")
@@ -180,7 +183,12 @@ def masked_mean(x, mask):
 
 
 def grpo_loss(
-    logp, old_logp, ref_logp, advantages, mask, *,
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    mask,
+    *,
     policy_loss: str = "clip",
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
@@ -215,14 +223,14 @@ def grpo_loss(
     pg, hits = POLICY_LOSSES[policy_loss](ratio, adv, clip_eps_low, clip_eps_high, dual_clip)
     per_token = pg  # [B, T]
 
-    agg = functools.partial(aggregate, mask=mask, mode=loss_agg_mode, norm_len=norm_len,
-                            denom=denom)
+    agg = functools.partial(aggregate, mask=mask, mode=loss_agg_mode, norm_len=norm_len, denom=denom)
     metrics = {"pg_loss": agg(pg)}
     if kl_coef != 0.0:
         if ref_logp is None:
             raise ValueError("kl_coef != 0 needs ref_logp")
-        kl = kl_penalty(logp, ref_logp, kl_estimator, log_ratio_clamp=log_ratio_clamp,
-                        value_clamp=kl_value_clamp)  # [B, T]
+        kl = kl_penalty(
+            logp, ref_logp, kl_estimator, log_ratio_clamp=log_ratio_clamp, value_clamp=kl_value_clamp
+        )  # [B, T]
         per_token = per_token + kl_coef * kl  # TRL: KL joins per token, before aggregation
         metrics["kl"] = masked_mean(kl, mask)
         metrics["kl_loss"] = agg(kl)

@@ -1,18 +1,22 @@
-"""From GroupRank records to scored rollouts: multi-scale groups, prompts, sampling, parsing
-and the jitted reward."""
+"""From GroupRank records to scored rollouts and update rows: multi-scale groups, prompts,
+parsing, the jitted reward, and the ``[rollouts, prompt + completion]`` rows the update reads."""
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from grouprank_jax.grouprank.parsing import parse_batch
-from grouprank_jax.grouprank.prompts import load_template, render_prompt
-from grouprank_jax.grouprank.reward import RewardConfig, compute_rewards
+from grouprank_jax.parallel.distributed import agree_max
+from grouprank_jax.task.parsing import parse_batch
+from grouprank_jax.task.prompts import load_template, render_prompt
+from grouprank_jax.task.reward import RewardConfig, compute_rewards
+
+STOP_STRING = "</answer>"  # the output format's last tag: nothing useful follows it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +39,20 @@ def sample_group(record: Mapping[str, Any], size_range: tuple[int, int], rng: ra
     return Group(record["query"], tuple(docs[i] for i in picked), tuple(float(gold[i]) for i in picked))
 
 
-def build_prompts(tokenizer, groups: Sequence[Group], preset: str, max_doc_chars: int, max_prompt_len: int) -> list[str]:
+def build_prompts(
+    tokenizer, groups: Sequence[Group], preset: str, max_doc_chars: int, max_prompt_len: int
+) -> list[str]:
     template = load_template(preset)
     return [render_prompt(tokenizer, g.query, list(g.docs), template, max_doc_chars, max_prompt_len) for g in groups]
 
 
-def score_rollouts(texts: Sequence[str], groups: Sequence[Group], rollouts_per_prompt: int, reward_cfg: RewardConfig,
-                   pad_to: int | None = None) -> dict[str, np.ndarray]:
+def score_rollouts(
+    texts: Sequence[str],
+    groups: Sequence[Group],
+    rollouts_per_prompt: int,
+    reward_cfg: RewardConfig,
+    pad_to: int | None = None,
+) -> dict[str, np.ndarray]:
     """Parse every rollout (never raises) and compute the reward and its components, each [R]."""
     sizes = [len(g.docs) for g in groups for _ in range(rollouts_per_prompt)]
     pad_to = pad_to or max(sizes)
@@ -52,8 +63,44 @@ def score_rollouts(texts: Sequence[str], groups: Sequence[Group], rollouts_per_p
         group = groups[row // rollouts_per_prompt]
         gold[row, :size] = group.gold
         mask[row, :size] = True
-    out = compute_rewards(jnp.asarray(scores), jnp.asarray(valid), jnp.asarray(status), jnp.asarray(gold),
-                          jnp.asarray(mask), cfg=reward_cfg)
+    out = compute_rewards(
+        jnp.asarray(scores),
+        jnp.asarray(valid),
+        jnp.asarray(status),
+        jnp.asarray(gold),
+        jnp.asarray(mask),
+        cfg=reward_cfg,
+    )
     result = {k: np.asarray(v) for k, v in out.items()}
     result["format_status"] = status
     return result
+
+
+def _bucket(n: int, smallest: int, largest: int) -> int:
+    size = smallest
+    while size < n:
+        size *= 2
+    return min(size, largest) if largest >= n else n
+
+
+def assemble_rows(
+    tokenizer, prompts: Sequence[str], out, G: int, pad_id: int, prompt_buckets: Sequence[int], max_new: int
+):
+    """Left-padded prompts + right-padded completions as one [R, P + C] row per rollout
+    (P and C agreed across processes: the update is one computation over all of them)."""
+    encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    longest = agree_max(max(len(e) for e in encoded))
+    P = next((b for b in sorted(prompt_buckets) if b >= longest), longest)
+    C = _bucket(agree_max(int(out.lengths.max())), 16, max_new)
+    R = len(prompts) * G
+    seq_ids = np.full((R, P + C), pad_id, np.int32)
+    seq_mask = np.zeros((R, P + C), np.int32)
+    for i, ids in enumerate(encoded):
+        rows = slice(i * G, (i + 1) * G)
+        seq_ids[rows, P - len(ids) : P] = ids
+        seq_mask[rows, P - len(ids) : P] = 1
+    completion_mask = out.mask[:, :C].astype(np.int32)
+    seq_ids[:, P:] = np.where(completion_mask, out.tokens[:, :C], pad_id)
+    seq_mask[:, P:] = completion_mask
+    old_logp = np.where(completion_mask, out.logprobs[:, :C], 0.0).astype(np.float32)
+    return P, {"seq_ids": seq_ids, "seq_mask": seq_mask, "completion_mask": completion_mask, "old_logp": old_logp}

@@ -20,16 +20,23 @@ from flax import nnx
 
 from grouprank_jax.models.token_logprobs import lm_head_matrix, token_logprobs
 from grouprank_jax.rl.losses import grpo_loss, masked_mean
-from grouprank_jax.train_state import make_optimizer
+from grouprank_jax.training.accumulate import apply_gradients, sum_gradients
+from grouprank_jax.training.state import make_optimizer
 
 
 def make_grpo_optimizer(grpo, total_updates: int) -> optax.GradientTransformation:
     """AdamW as ``GRPOConfig`` sets it (no weight decay, global-norm clip 1.0, constant LR by
     default as verl); shared by the trainer and ``grouprank compile``."""
     per_step = grpo.updates_per_rollout_batch
-    return make_optimizer(grpo.learning_rate, total_updates, warmup_steps=grpo.lr_warmup_steps * per_step,
-                          weight_decay=0.0, max_grad_norm=1.0, min_lr_ratio=grpo.min_lr_ratio,
-                          schedule=grpo.lr_schedule)
+    return make_optimizer(
+        grpo.learning_rate,
+        total_updates,
+        warmup_steps=grpo.lr_warmup_steps * per_step,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        min_lr_ratio=grpo.min_lr_ratio,
+        schedule=grpo.lr_schedule,
+    )
 
 
 def split_micro(x, micro_rows: int):
@@ -50,8 +57,17 @@ def _micro_size(rows: int, micro_rows: int | None) -> int:
     return micro
 
 
-def completion_logprobs(trainable, frozen, graphdef, seq_ids, seq_mask, prompt_len: int, chunk_size: int,
-                        use_lora: bool = True, with_entropy: bool = True):
+def completion_logprobs(
+    trainable,
+    frozen,
+    graphdef,
+    seq_ids,
+    seq_mask,
+    prompt_len: int,
+    chunk_size: int,
+    use_lora: bool = True,
+    with_entropy: bool = True,
+):
     """(logp, entropy), each [R, C] fp32, of the completion tokens under the given weights."""
     model = nnx.merge(graphdef, trainable, frozen)
     hidden = model(seq_ids, attention_mask=seq_mask, return_hidden=True, use_lora=use_lora)  # [R, P+C, D]
@@ -60,8 +76,14 @@ def completion_logprobs(trainable, frozen, graphdef, seq_ids, seq_mask, prompt_l
     return token_logprobs(lm_head_matrix(model), predicting, targets, chunk_size, with_entropy)
 
 
-def make_logprob_fn(graphdef, prompt_len: int, chunk_size: int, use_lora: bool, micro_rows: int | None = None,
-                    compiler_options: dict | None = None):
+def make_logprob_fn(
+    graphdef,
+    prompt_len: int,
+    chunk_size: int,
+    use_lora: bool,
+    micro_rows: int | None = None,
+    compiler_options: dict | None = None,
+):
     """Jitted no-grad log-probs [R, C] (the reference policy's, or the current policy's for
     checks), ``micro_rows`` rows per forward pass."""
 
@@ -70,8 +92,9 @@ def make_logprob_fn(graphdef, prompt_len: int, chunk_size: int, use_lora: bool, 
 
         def one(_, rows):
             ids, mask = rows
-            logp, _ = completion_logprobs(trainable, frozen, graphdef, ids, mask, prompt_len, chunk_size,
-                                          use_lora=use_lora, with_entropy=False)
+            logp, _ = completion_logprobs(
+                trainable, frozen, graphdef, ids, mask, prompt_len, chunk_size, use_lora=use_lora, with_entropy=False
+            )
             return None, logp
 
         if micro == seq_ids.shape[0]:
@@ -82,9 +105,16 @@ def make_logprob_fn(graphdef, prompt_len: int, chunk_size: int, use_lora: bool, 
     return jax.jit(fn, compiler_options=compiler_options or None)
 
 
-def make_grpo_update(graphdef, tx: optax.GradientTransformation, loss_kwargs: dict, prompt_len: int,
-                     chunk_size: int, donate: bool = True, micro_rows: int | None = None,
-                     compiler_options: dict | None = None):
+def make_grpo_update(
+    graphdef,
+    tx: optax.GradientTransformation,
+    loss_kwargs: dict,
+    prompt_len: int,
+    chunk_size: int,
+    donate: bool = True,
+    micro_rows: int | None = None,
+    compiler_options: dict | None = None,
+):
     """``update(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)``.
 
     ``batch``: seq_ids/seq_mask [R, P+C]; completion_mask, old_logp, ref_logp [R, C];
@@ -97,11 +127,20 @@ def make_grpo_update(graphdef, tx: optax.GradientTransformation, loss_kwargs: di
     agg_mode = loss_kwargs.get("loss_agg_mode", "token-mean")
 
     def loss_fn(trainable, frozen, batch, denom):
-        logp, entropy = completion_logprobs(trainable, frozen, graphdef, batch["seq_ids"], batch["seq_mask"],
-                                            prompt_len, chunk_size)
+        logp, entropy = completion_logprobs(
+            trainable, frozen, graphdef, batch["seq_ids"], batch["seq_mask"], prompt_len, chunk_size
+        )
         mask = batch["completion_mask"].astype(jnp.float32)
-        loss, metrics = grpo_loss(logp, batch["old_logp"], batch.get("ref_logp"), batch["advantages"], mask,
-                                  entropies=entropy, denom=denom, **loss_kwargs)
+        loss, metrics = grpo_loss(
+            logp,
+            batch["old_logp"],
+            batch.get("ref_logp"),
+            batch["advantages"],
+            mask,
+            entropies=entropy,
+            denom=denom,
+            **loss_kwargs,
+        )
         metrics["logprob_drift"] = masked_mean(jnp.abs(jax.lax.stop_gradient(logp) - batch["old_logp"]), mask)
         return loss, metrics
 
@@ -110,23 +149,12 @@ def make_grpo_update(graphdef, tx: optax.GradientTransformation, loss_kwargs: di
         micro = _micro_size(rows, micro_rows)
         mask = batch["completion_mask"].astype(jnp.float32)
         denom = jnp.maximum(jnp.sum(mask), 1.0) if agg_mode == "token-mean" else jnp.float32(rows)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        if micro == rows:
-            (_, metrics), grads = grad_fn(trainable, frozen, batch, denom)
-        else:
-            def body(grads_acc, mb):
-                (_, metrics), grads = grad_fn(trainable, frozen, mb, denom)
-                return jax.tree.map(jnp.add, grads_acc, grads), metrics
-
-            stacked = jax.tree.map(lambda x: split_micro(x, micro), batch)
-            grads, metrics = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, trainable), stacked)
-            # per-micro metrics: sums for the loss terms (each already divided by the global
-            # count), means for rates and ratios
-            metrics = {k: (jnp.sum(v) if k in ("loss", "pg_loss", "kl_loss") else jnp.mean(v))
-                       for k, v in metrics.items()}
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        stacked = jax.tree.map(lambda x: split_micro(x, micro), batch)  # [rows / micro, micro, ...]
+        _, grads, metrics = sum_gradients(lambda t, mb: loss_fn(t, frozen, mb, denom), trainable, stacked)
+        # per-micro metrics: sums for the loss terms (each already divided by the global count),
+        # means for rates and ratios
+        metrics = {k: (jnp.sum(v) if k in ("loss", "pg_loss", "kl_loss") else jnp.mean(v)) for k, v in metrics.items()}
+        trainable, opt_state, metrics["grad_norm"] = apply_gradients(tx, trainable, opt_state, grads)
         return trainable, opt_state, metrics
 
     return jax.jit(update, donate_argnums=(0, 2) if donate else (), compiler_options=compiler_options or None)

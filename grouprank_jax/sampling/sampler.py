@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,14 +37,15 @@ from jax.sharding import Mesh
 
 from grouprank_jax.models.kv_cache import CACHE_AXES, KVCache
 from grouprank_jax.parallel.distributed import agree_max, gather_rows, local_rows
-from grouprank_jax.parallel.mesh import named_sharding
+from grouprank_jax.parallel.mesh import named_sharding, shard, use_mesh
 from grouprank_jax.sampling import ops
 from grouprank_jax.sampling.params import SamplingParams
 from grouprank_jax.sampling.stops import apply_stop_strings, stop_token_sequences
+from grouprank_jax.tokenizer import stop_token_ids
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|> (grouprank_jax.tokenizer.stop_token_ids)
+DEFAULT_STOP_IDS = stop_token_ids()  # <|im_end|>, <|endoftext|>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,102 +120,122 @@ class Sampler:
             if self.mesh is None:
                 raise ValueError("a multi-process Sampler needs the global mesh (mesh=...)")
             if self.batch_multiple % jax.process_count():
-                raise ValueError(f"the mesh's batch axes (data x fsdp = {self.batch_multiple}) must be a multiple of "
-                                 f"the {jax.process_count()} processes, so that each process holds its own rows")
+                raise ValueError(
+                    f"the mesh's batch axes (data x fsdp = {self.batch_multiple}) must be a multiple of "
+                    f"the {jax.process_count()} processes, so that each process holds its own rows"
+                )
         self._graphdef = nnx.graphdef(model)
         self._seen_shapes: set[tuple] = set()
         options = dict(compiler_options or {}) or None  # XLA options of the run (RunConfig.xla_options)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("n", "slots"), compiler_options=options)
         self._decode = jax.jit(
-            self._decode_fn, static_argnames=("greedy", "top_k", "use_top_p", "max_new"), donate_argnames=("cache",),
+            self._decode_fn,
+            static_argnames=("greedy", "top_k", "use_top_p", "max_new"),
+            donate_argnames=("cache",),
             compiler_options=options,
         )
 
     # ---- jitted pure functions of (params, ...) ------------------------------------------
-    def _constrain(self, x, names):
-        if self.mesh is None:
-            return x
-        return jax.lax.with_sharding_constraint(x, named_sharding(self.mesh, names, x.shape))
-
     def _prefill_fn(self, state, ids, mask, *, n: int, slots: int):
         """ids, mask [B, T] -> (last logits [B*n, V] fp32, KVCache with B*n rows)."""
-        model = nnx.merge(self._graphdef, state)
-        cfg = self.cfg
-        b = ids.shape[0]
-        cache = KVCache.init(cfg.num_layers, b, slots, cfg.num_kv_heads, cfg.head_dim, dtype=jnp.dtype(cfg.dtype))
-        cache = self._shard_cache(cache)
-        hidden, cache = model(ids, attention_mask=mask, cache=cache, return_hidden=True)  # [B, T, D]
-        # Left padding puts every prompt's last token at T-1; the LM head runs on that slice only.
-        logits = model.logits_from_hidden(hidden[:, -1])  # [B, V]
-        cache = self._shard_cache(cache.repeat(n))
-        logits = self._constrain(jnp.repeat(logits, n, axis=0), ("batch", "act_vocab"))  # [B*n, V]
-        return logits, cache
+        with use_mesh(self.mesh):
+            model = nnx.merge(self._graphdef, state)
+            cfg = self.cfg
+            b = ids.shape[0]
+            cache = KVCache.init(cfg.num_layers, b, slots, cfg.num_kv_heads, cfg.head_dim, dtype=jnp.dtype(cfg.dtype))
+            cache = self._shard_cache(cache)
+            hidden, cache = model(ids, attention_mask=mask, cache=cache, return_hidden=True)  # [B, T, D]
+            # Left padding puts every prompt's last token at T-1; the LM head runs on that slice only.
+            logits = model.logits_from_hidden(hidden[:, -1])  # [B, V]
+            cache = self._shard_cache(cache.repeat(n))
+            logits = shard(jnp.repeat(logits, n, axis=0), ("batch", "act_vocab"))  # [B*n, V]
+            return logits, cache
 
     def _shard_cache(self, cache: KVCache) -> KVCache:
         return KVCache(
-            k=self._constrain(cache.k, CACHE_AXES),
-            v=self._constrain(cache.v, CACHE_AXES),
-            valid=self._constrain(cache.valid, ("cache_batch", "cache_length")),
+            k=shard(cache.k, CACHE_AXES),
+            v=shard(cache.v, CACHE_AXES),
+            valid=shard(cache.valid, ("cache_batch", "cache_length")),
             index=cache.index,
         )
 
-    def _decode_fn(self, state, cache, logits0, prompt_lens, live, row_ids, seed, temperature, top_p, stop_ids,
-                   stop_seqs, *, greedy: bool, top_k: int, use_top_p: bool, max_new: int):
+    def _decode_fn(
+        self,
+        state,
+        cache,
+        logits0,
+        prompt_lens,
+        live,
+        row_ids,
+        seed,
+        temperature,
+        top_p,
+        stop_ids,
+        stop_seqs,
+        *,
+        greedy: bool,
+        top_k: int,
+        use_top_p: bool,
+        max_new: int,
+    ):
         """Sample ``max_new`` tokens at most for all rows; rows with ``live`` False start done.
         ``row_ids`` [rows] (global row numbers) pick each row's random stream."""
-        model = nnx.merge(self._graphdef, state)
-        rows = logits0.shape[0]
-        base_key = jax.random.key(seed)
+        with use_mesh(self.mesh):
+            model = nnx.merge(self._graphdef, state)
+            rows = logits0.shape[0]
+            base_key = jax.random.key(seed)
 
-        def record(step, logits, carry):
-            tokens, logprobs, done, lengths, stopped, recent = carry
-            keys = ops.row_keys(base_key, row_ids, step)
-            tok = ops.sample_tokens(logits, keys, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
-            lp = ops.token_logprobs(logits, tok)
-            active = ~done
-            # Finished rows stop changing: pad token, log-prob 0, length frozen.
-            tok = jnp.where(active, tok, self.pad_id)
-            lp = jnp.where(active, lp, 0.0)
-            tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
-            logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, lp[:, None], step, axis=1)
-            lengths = lengths + active.astype(jnp.int32)
-            recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
-            ended = active & (jnp.isin(tok, stop_ids) | ops.match_stop_sequences(recent, stop_seqs))
-            stopped = stopped | ended
-            done = done | ended | (step + 1 >= max_new)
-            # The token fed back next step: finished rows feed id 0, since the pad id need not be
-            # inside the vocabulary (an out-of-range embedding lookup yields NaN).
-            return jnp.where(active, tok, 0), (tokens, logprobs, done, lengths, stopped, recent)
+            def record(step, logits, carry):
+                tokens, logprobs, done, lengths, stopped, recent = carry
+                keys = ops.row_keys(base_key, row_ids, step)
+                tok = ops.sample_tokens(
+                    logits, keys, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p
+                )
+                lp = ops.token_logprobs(logits, tok)
+                active = ~done
+                # Finished rows stop changing: pad token, log-prob 0, length frozen.
+                tok = jnp.where(active, tok, self.pad_id)
+                lp = jnp.where(active, lp, 0.0)
+                tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
+                logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, lp[:, None], step, axis=1)
+                lengths = lengths + active.astype(jnp.int32)
+                recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
+                ended = active & (jnp.isin(tok, stop_ids) | ops.match_stop_sequences(recent, stop_seqs))
+                stopped = stopped | ended
+                done = done | ended | (step + 1 >= max_new)
+                # The token fed back next step: finished rows feed id 0, since the pad id need not be
+                # inside the vocabulary (an out-of-range embedding lookup yields NaN).
+                return jnp.where(active, tok, 0), (tokens, logprobs, done, lengths, stopped, recent)
 
-        window = max(1, stop_seqs.shape[1])
-        carry = (
-            jnp.full((rows, max_new), self.pad_id, jnp.int32),  # tokens
-            jnp.zeros((rows, max_new), jnp.float32),  # logprobs
-            ~live,  # done
-            jnp.zeros((rows,), jnp.int32),  # lengths
-            jnp.zeros((rows,), bool),  # stopped (by an id / sequence, not by length)
-            jnp.full((rows, window), -2, jnp.int32),  # recent tokens for stop-sequence matching
-        )
-        last, carry = record(0, logits0, carry)
+            window = max(1, stop_seqs.shape[1])
+            carry = (
+                jnp.full((rows, max_new), self.pad_id, jnp.int32),  # tokens
+                jnp.zeros((rows, max_new), jnp.float32),  # logprobs
+                ~live,  # done
+                jnp.zeros((rows,), jnp.int32),  # lengths
+                jnp.zeros((rows,), bool),  # stopped (by an id / sequence, not by length)
+                jnp.full((rows, window), -2, jnp.int32),  # recent tokens for stop-sequence matching
+            )
+            last, carry = record(0, logits0, carry)
 
-        def cond(loop):
-            step, _, _, carry = loop
-            return (step < max_new) & ~jnp.all(carry[2])
+            def cond(loop):
+                step, _, _, carry = loop
+                return (step < max_new) & ~jnp.all(carry[2])
 
-        def body(loop):
-            step, cache, last, carry = loop
-            # The token sampled at step-1 sits at position prompt_len + step - 1 (cache slot T + step - 1).
-            positions = (prompt_lens + step - 1)[:, None]  # [B, 1]
-            logits, cache = model(last[:, None], positions=positions, cache=cache)  # [B, 1, V]
-            last, carry = record(step, logits[:, 0], carry)
-            return step + 1, cache, last, carry
+            def body(loop):
+                step, cache, last, carry = loop
+                # The token sampled at step-1 sits at position prompt_len + step - 1 (cache slot T + step - 1).
+                positions = (prompt_lens + step - 1)[:, None]  # [B, 1]
+                logits, cache = model(last[:, None], positions=positions, cache=cache)  # [B, 1, V]
+                last, carry = record(step, logits[:, 0], carry)
+                return step + 1, cache, last, carry
 
-        steps, cache, _, carry = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, last, carry))
-        tokens, logprobs, _, lengths, stopped, _ = carry
-        # Rows stay on the batch axes so each process can read back its own rows.
-        tokens, logprobs = self._constrain(tokens, ("batch", None)), self._constrain(logprobs, ("batch", None))
-        lengths, stopped = self._constrain(lengths, ("batch",)), self._constrain(stopped, ("batch",))
-        return tokens, logprobs, lengths, stopped, steps, cache
+            steps, cache, _, carry = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, last, carry))
+            tokens, logprobs, _, lengths, stopped, _ = carry
+            # Rows stay on the batch axes so each process can read back its own rows.
+            tokens, logprobs = shard(tokens, ("batch", None)), shard(logprobs, ("batch", None))
+            lengths, stopped = shard(lengths, ("batch",)), shard(stopped, ("batch",))
+            return tokens, logprobs, lengths, stopped, steps, cache
 
     # ---- host side ------------------------------------------------------------------------
     def _encode(self, prompts) -> list[list[int]]:
@@ -222,14 +243,18 @@ class Sampler:
         for i, p in enumerate(prompts):
             if isinstance(p, str):
                 if self.tokenizer is None:
-                    raise ValueError(f"prompt {i} is a string but the Sampler has no tokenizer; pass token-id lists or tokenizer=")
+                    raise ValueError(
+                        f"prompt {i} is a string but the Sampler has no tokenizer; pass token-id lists or tokenizer="
+                    )
                 p = self.tokenizer.encode(p, add_special_tokens=False)
             ids = [int(t) for t in p]
             if not ids:
                 raise ValueError(f"prompt {i} is empty")
             if len(ids) > self.max_prompt_len:
-                raise ValueError(f"prompt {i} has {len(ids)} tokens > max_prompt_len={self.max_prompt_len}; "
-                                 "truncate it or build the Sampler with a larger max_prompt_len")
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens > max_prompt_len={self.max_prompt_len}; "
+                    "truncate it or build the Sampler with a larger max_prompt_len"
+                )
             if min(ids) < 0 or max(ids) >= self.cfg.vocab_size:
                 raise ValueError(f"prompt {i} has token ids outside [0, {self.cfg.vocab_size})")
             out.append(ids)
@@ -241,7 +266,9 @@ class Sampler:
             return jnp.asarray(x)
         if jax.process_count() > 1:
             global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
-            return jax.make_array_from_process_local_data(named_sharding(self.mesh, names, global_shape), x, global_shape)
+            return jax.make_array_from_process_local_data(
+                named_sharding(self.mesh, names, global_shape), x, global_shape
+            )
         return jax.device_put(x, named_sharding(self.mesh, names, x.shape))
 
     def bucket_shape(self, num_prompts: int, longest: int) -> tuple[int, int]:
@@ -257,10 +284,15 @@ class Sampler:
 
     def _static_settings(self, params: SamplingParams):
         """(stop ids, stop sequences [S, W], top_k, use_top_p) of a call: what its program depends on."""
-        stop_ids = () if params.ignore_eos else (
-            params.stop_token_ids if params.stop_token_ids is not None else self.stop_token_ids)
+        stop_ids = (
+            ()
+            if params.ignore_eos
+            else (params.stop_token_ids if params.stop_token_ids is not None else self.stop_token_ids)
+        )
         if params.stop and self.tokenizer is None:
-            raise ValueError(f"stop={params.stop!r} needs a tokenizer; pass Sampler(tokenizer=...) or use stop_token_ids")
+            raise ValueError(
+                f"stop={params.stop!r} needs a tokenizer; pass Sampler(tokenizer=...) or use stop_token_ids"
+            )
         stop_seqs = stop_token_sequences(self.tokenizer, () if params.ignore_eos else params.stop)
         return stop_ids, stop_seqs, (0 if params.greedy else params.top_k), params.top_p < 1.0
 
@@ -278,21 +310,43 @@ class Sampler:
             return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
 
         state = nnx.state(self.model)
-        prefill = self._prefill.lower(state, spec((b, t), jnp.int32, ("batch", "length")),
-                                      spec((b, t), jnp.int32, ("batch", "length")), n=n, slots=t + max_new)
-        logits0, cache = jax.eval_shape(functools.partial(self._prefill_fn, n=n, slots=t + max_new), state,
-                                        spec((b, t), jnp.int32), spec((b, t), jnp.int32))
+        prefill = self._prefill.lower(
+            state,
+            spec((b, t), jnp.int32, ("batch", "length")),
+            spec((b, t), jnp.int32, ("batch", "length")),
+            n=n,
+            slots=t + max_new,
+        )
+        logits0, cache = jax.eval_shape(
+            functools.partial(self._prefill_fn, n=n, slots=t + max_new),
+            state,
+            spec((b, t), jnp.int32),
+            spec((b, t), jnp.int32),
+        )
         rows = b * n
-        cache_specs = KVCache(k=spec(cache.k.shape, cache.k.dtype, CACHE_AXES),
-                              v=spec(cache.v.shape, cache.v.dtype, CACHE_AXES),
-                              valid=spec(cache.valid.shape, bool, ("cache_batch", "cache_length")),
-                              index=spec((), jnp.int32, ()))
+        cache_specs = KVCache(
+            k=spec(cache.k.shape, cache.k.dtype, CACHE_AXES),
+            v=spec(cache.v.shape, cache.v.dtype, CACHE_AXES),
+            valid=spec(cache.valid.shape, bool, ("cache_batch", "cache_length")),
+            index=spec((), jnp.int32, ()),
+        )
         decode = self._decode.lower(
-            state, cache_specs, spec(logits0.shape, jnp.float32, ("batch", "act_vocab")),
-            spec((rows,), jnp.int32, ("batch",)), spec((rows,), bool, ("batch",)), spec((rows,), jnp.int32, ("batch",)),
-            spec((), jnp.uint32, ()), spec((), jnp.float32, ()), spec((), jnp.float32, ()),
-            spec((len(stop_ids),), jnp.int32, (None,)), spec(stop_seqs.shape, jnp.int32, (None, None)),
-            greedy=params.greedy, top_k=top_k, use_top_p=use_top_p, max_new=max_new)
+            state,
+            cache_specs,
+            spec(logits0.shape, jnp.float32, ("batch", "act_vocab")),
+            spec((rows,), jnp.int32, ("batch",)),
+            spec((rows,), bool, ("batch",)),
+            spec((rows,), jnp.int32, ("batch",)),
+            spec((), jnp.uint32, ()),
+            spec((), jnp.float32, ()),
+            spec((), jnp.float32, ()),
+            spec((len(stop_ids),), jnp.int32, (None,)),
+            spec(stop_seqs.shape, jnp.int32, (None, None)),
+            greedy=params.greedy,
+            top_k=top_k,
+            use_top_p=use_top_p,
+            max_new=max_new,
+        )
         return prefill, decode
 
     def generate(self, prompts, params: SamplingParams = SamplingParams()) -> SamplerOutput:
@@ -316,13 +370,15 @@ class Sampler:
         mask[num:, -1] = 1
         lens = np.ones((b,), np.int32)
         for i, p in enumerate(encoded):
-            ids[i, t - len(p):] = p
-            mask[i, t - len(p):] = 1
+            ids[i, t - len(p) :] = p
+            mask[i, t - len(p) :] = 1
             lens[i] = len(p)
         live = np.repeat(np.arange(b) < num, n)  # [B*n]
         # Global prompt numbers: real prompts of all processes first (process order), then dummies,
         # so a prompt's random streams do not depend on how many processes or dummy rows there are.
-        prompt_ids = np.concatenate([pid * num + np.arange(num), processes * num + pid * (b - num) + np.arange(b - num)])
+        prompt_ids = np.concatenate(
+            [pid * num + np.arange(num), processes * num + pid * (b - num) + np.arange(b - num)]
+        )
         row_ids = (prompt_ids[:, None] * n + np.arange(n)[None, :]).reshape(-1).astype(np.int32)  # [B*n]
 
         stop_ids, stop_seqs, top_k, use_top_p = self._static_settings(params)
@@ -330,20 +386,41 @@ class Sampler:
         compiled = shape_key not in self._seen_shapes
         if compiled:
             self._seen_shapes.add(shape_key)
-            log.info("sampler: compiling batch=%d prompt_len=%d n=%d max_new=%d (greedy=%s top_k=%d top_p=%s stops=%s)",
-                     b, t, n, max_new, params.greedy, top_k, use_top_p, stop_seqs.shape)
+            log.info(
+                "sampler: compiling batch=%d prompt_len=%d n=%d max_new=%d (greedy=%s top_k=%d top_p=%s stops=%s)",
+                b,
+                t,
+                n,
+                max_new,
+                params.greedy,
+                top_k,
+                use_top_p,
+                stop_seqs.shape,
+            )
 
         state = nnx.state(self.model)
         t0 = time.perf_counter()
-        logits0, cache = self._prefill(state, self._put(ids, ("batch", "length")), self._put(mask, ("batch", "length")),
-                                       n=n, slots=t + max_new)
+        logits0, cache = self._prefill(
+            state, self._put(ids, ("batch", "length")), self._put(mask, ("batch", "length")), n=n, slots=t + max_new
+        )
         jax.block_until_ready(logits0)
         t1 = time.perf_counter()
         tokens, logprobs, lengths, stopped, steps, _ = self._decode(
-            state, cache, logits0, self._put(np.repeat(lens, n), ("batch",)), self._put(live, ("batch",)),
-            self._put(row_ids, ("batch",)), jnp.uint32(params.seed), jnp.float32(max(params.temperature, 1e-6)), jnp.float32(params.top_p),
-            jnp.asarray(stop_ids, jnp.int32), jnp.asarray(stop_seqs),
-            greedy=params.greedy, top_k=top_k, use_top_p=use_top_p, max_new=max_new,
+            state,
+            cache,
+            logits0,
+            self._put(np.repeat(lens, n), ("batch",)),
+            self._put(live, ("batch",)),
+            self._put(row_ids, ("batch",)),
+            jnp.uint32(params.seed),
+            jnp.float32(max(params.temperature, 1e-6)),
+            jnp.float32(params.top_p),
+            jnp.asarray(stop_ids, jnp.int32),
+            jnp.asarray(stop_seqs),
+            greedy=params.greedy,
+            top_k=top_k,
+            use_top_p=use_top_p,
+            max_new=max_new,
         )
         tokens, logprobs, lengths, stopped = (local_rows(x) for x in (tokens, logprobs, lengths, stopped))
         steps = int(np.asarray(steps.addressable_data(0)))
@@ -354,16 +431,31 @@ class Sampler:
         lengths, stopped = np.array(lengths[:keep]), np.array(stopped[:keep])
         texts = None
         if self.tokenizer is not None:
-            texts = apply_stop_strings(self.tokenizer, tokens, logprobs, lengths, stopped,
-                                       () if params.ignore_eos else params.stop, self.pad_id)
+            texts = apply_stop_strings(
+                self.tokenizer,
+                tokens,
+                logprobs,
+                lengths,
+                stopped,
+                () if params.ignore_eos else params.stop,
+                self.pad_id,
+            )
         stats = SamplerStats(
-            prefill_seconds=t1 - t0, decode_seconds=t2 - t1, prompt_tokens=int(sum(len(p) for p in encoded)),
-            generated_tokens=int(lengths.sum()), decode_steps=int(steps), batch_bucket=b, prompt_bucket=t,
+            prefill_seconds=t1 - t0,
+            decode_seconds=t2 - t1,
+            prompt_tokens=int(sum(len(p) for p in encoded)),
+            generated_tokens=int(lengths.sum()),
+            decode_steps=int(steps),
+            batch_bucket=b,
+            prompt_bucket=t,
             compiled=compiled,
         )
         return SamplerOutput(
-            tokens=tokens, lengths=lengths, logprobs=logprobs,
+            tokens=tokens,
+            lengths=lengths,
+            logprobs=logprobs,
             prompt_lengths=np.repeat(np.asarray([len(p) for p in encoded], np.int32), n),
             finish_reasons=tuple("stop" if s else "length" for s in stopped),
-            texts=None if texts is None else tuple(texts), stats=stats,
+            texts=None if texts is None else tuple(texts),
+            stats=stats,
         )

@@ -14,7 +14,7 @@ the row keeps decoding (wasted steps) until a stop id or ``max_new_tokens``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,7 +27,7 @@ def stop_token_sequences(tokenizer, stops: Sequence[str]) -> np.ndarray:
     width = max(len(s) for s in seqs)
     out = np.full((len(seqs), width), -1, np.int32)
     for i, s in enumerate(seqs):
-        out[i, width - len(s):] = s
+        out[i, width - len(s) :] = s
     return out
 
 

@@ -22,11 +22,8 @@ class SFTConfig:
     min_lr_ratio: float = 0.0  # cosine decays to this fraction of the peak
     total_steps: int | None = None  # None: derived from epochs and the data size
     length_buckets: tuple[int, ...] | None = None  # padded lengths of unpacked batches (None: powers of 2 >= 256)
-    loss_chunk_size: int = 1024  # tokens per LM-head block of the blockwise cross-entropy
     lora_rank: int = 0  # full fine-tuning for 7B, LoRA for 32B [paper Table 8]
     lora_alpha: float = 32.0
-    prompt_preset: str = "grouprank"  # the released checkpoints' prompt (paper-notes §1)
-    max_doc_chars: int = 3000  # [paper-notes §1] character cut per document
 
-    def replace(self, **changes) -> "SFTConfig":
+    def replace(self, **changes) -> SFTConfig:
         return dataclasses.replace(self, **changes)

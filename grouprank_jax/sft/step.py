@@ -5,28 +5,34 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from grouprank_jax.models.token_logprobs import lm_head_matrix, token_logprobs
-from grouprank_jax.train_state import make_optimizer
+from grouprank_jax.training.accumulate import apply_gradients, sum_gradients
+from grouprank_jax.training.state import make_optimizer
 
 
 def make_sft_optimizer(sft, total_steps: int) -> optax.GradientTransformation:
     """AdamW with warmup + cosine decay as ``SFTConfig`` sets it (the trainer and
     ``grouprank compile`` build the same optimizer, so the compiled step is the trained one)."""
     return make_optimizer(
-        sft.learning_rate, total_steps, warmup_steps=int(sft.warmup_ratio * total_steps),
-        weight_decay=sft.weight_decay, b1=sft.adam_b1, b2=sft.adam_b2, eps=sft.adam_eps,
-        max_grad_norm=sft.max_grad_norm, min_lr_ratio=sft.min_lr_ratio,
+        sft.learning_rate,
+        total_steps,
+        warmup_steps=int(sft.warmup_ratio * total_steps),
+        weight_decay=sft.weight_decay,
+        b1=sft.adam_b1,
+        b2=sft.adam_b2,
+        eps=sft.adam_eps,
+        max_grad_norm=sft.max_grad_norm,
+        min_lr_ratio=sft.min_lr_ratio,
     )
 
 
 def loss_rows_bucket(loss_mask, multiple: int = 16) -> int:
     """Host-side: a bound on loss tokens per row, rounded up to ``multiple`` (a static shape for
     the step; targets of one task have similar lengths, so few shapes compile)."""
-    import numpy as np
-
     longest = int(np.asarray(loss_mask).reshape(-1, loss_mask.shape[-1]).sum(-1).max())
     return min(-(-max(longest, 1) // multiple) * multiple, loss_mask.shape[-1])
 
@@ -56,32 +62,32 @@ def sft_loss_sums(trainable, frozen, graphdef, batch, chunk_size: int, loss_toke
     return -jnp.sum(logp * mask), jnp.sum(mask)
 
 
-def make_sft_step(graphdef, tx: optax.GradientTransformation, chunk_size: int = 1024, donate: bool = True,
-                  compiler_options: dict | None = None):
+def make_sft_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    chunk_size: int = 1024,
+    donate: bool = True,
+    compiler_options: dict | None = None,
+):
     """``step(trainable, frozen, opt_state, batch, loss_tokens_per_row=None) -> (trainable, opt_state, metrics)``.
 
-    ``batch`` leaves are ``[accum, micro_batch, T]``: the scan sums gradients of the summed
-    loss, and one division by the step's total loss tokens gives the exact token mean.
+    ``batch`` leaves are ``[accum, micro_batch, T]``: gradients of the summed loss accumulate over
+    the leading axis and one division by the step's total loss tokens gives the exact token mean.
     """
 
     def step(trainable, frozen, opt_state, batch, loss_tokens_per_row=None):
-        grad_fn = jax.value_and_grad(sft_loss_sums, has_aux=True)
+        def loss_fn(t, micro_batch):
+            return sft_loss_sums(t, frozen, graphdef, micro_batch, chunk_size, loss_tokens_per_row)
 
-        def micro(carry, mb):
-            grads_acc, loss_acc, tokens_acc = carry
-            (loss_sum, tokens), grads = grad_fn(trainable, frozen, graphdef, mb, chunk_size, loss_tokens_per_row)
-            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-            return (grads_acc, loss_acc + loss_sum, tokens_acc + tokens), None
-
-        zeros = jax.tree.map(jnp.zeros_like, trainable)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, loss_sum, tokens), _ = jax.lax.scan(micro, init, batch)
-        denom = jnp.maximum(tokens, 1.0)
+        loss_sum, grads, tokens = sum_gradients(loss_fn, trainable, batch)
+        denom = jnp.maximum(jnp.sum(tokens), 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "loss_tokens": tokens}
-        return trainable, opt_state, metrics
+        trainable, opt_state, grad_norm = apply_gradients(tx, trainable, opt_state, grads)
+        return trainable, opt_state, {"loss": loss_sum / denom, "grad_norm": grad_norm, "loss_tokens": jnp.sum(tokens)}
 
-    return jax.jit(step, donate_argnums=(0, 2) if donate else (), static_argnames=("loss_tokens_per_row",),
-                   compiler_options=compiler_options or None)
+    return jax.jit(
+        step,
+        donate_argnums=(0, 2) if donate else (),
+        static_argnames=("loss_tokens_per_row",),
+        compiler_options=compiler_options or None,
+    )

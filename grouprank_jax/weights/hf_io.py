@@ -18,10 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from grouprank_jax.config import ModelConfig
 from grouprank_jax.models.build import variable_sharding
+from grouprank_jax.models.lora import merged_kernels
 from grouprank_jax.models.qwen2 import Qwen2ForCausalLM
 from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, Rules
 from grouprank_jax.weights.mapping import expand
@@ -61,7 +65,6 @@ def _tensor_index(path: Path) -> dict[str, Path]:
     single = path / SAFE_SINGLE
     if not single.exists():
         raise FileNotFoundError(f"{path}: neither {SAFE_SINGLE} nor {SAFE_INDEX} found")
-    from safetensors import safe_open
 
     with safe_open(str(single), framework="numpy") as fh:
         return {k: single for k in fh.keys()}
@@ -80,7 +83,6 @@ def load_hf(
     ``dtype`` is the parameter dtype (and the compute dtype unless ``compute_dtype`` is given).
     Extra keyword arguments override ``ModelConfig`` fields (e.g. ``attention_impl="chunked"``).
     """
-    from safetensors import safe_open
 
     path = Path(path)
     dtype_name = jnp.dtype(dtype).name
@@ -143,8 +145,6 @@ def _hf_shape_ok(raw: np.ndarray, target, mapping, cfg) -> bool:
 def _host_value(variable) -> np.ndarray:
     array = variable.get_value()
     if isinstance(array, jax.Array) and not array.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         array = multihost_utils.process_allgather(array, tiled=True)
     return np.asarray(jax.device_get(array))
 
@@ -162,7 +162,6 @@ def save_hf(
     ``lm_head.weight``. ``dtype`` (default: the params' dtype) sets the stored dtype. In a
     multi-process run every process must call this (gathers are collective); process 0 writes.
     """
-    from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
     cfg = model.cfg
@@ -171,7 +170,6 @@ def save_hf(
         out_dir.mkdir(parents=True, exist_ok=True)
     store_dtype = jnp.dtype(dtype or cfg.param_dtype)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    from grouprank_jax.models.lora import merged_kernels
 
     merged = merged_kernels(model)  # LoRA adapters folded into their kernels
 
@@ -223,8 +221,15 @@ def save_hf(
 
 def _save_tokenizer(tokenizer, out_dir: Path) -> None:
     if isinstance(tokenizer, (str, os.PathLike)):
-        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                     "special_tokens_map.json", "chat_template.jinja", "added_tokens.json"):
+        for name in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.json",
+            "merges.txt",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+            "added_tokens.json",
+        ):
             src = Path(tokenizer) / name
             if src.exists():
                 shutil.copy(src, out_dir / name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -84,17 +84,17 @@ _L = ("layers", "{i}")
 PARAM_MAPPINGS: tuple[ParamMapping, ...] = (
     ParamMapping("model.embed_tokens.weight", ("embed",), _identity, _identity),
     ParamMapping(_LAYER + "input_layernorm.weight", _L + ("input_norm", "weight"), _identity, _identity),
-    ParamMapping(_LAYER + "self_attn.q_proj.weight", _L + ("attn", "q_kernel"), *_heads_in("num_heads")),
-    ParamMapping(_LAYER + "self_attn.q_proj.bias", _L + ("attn", "q_bias"), *_bias("num_heads")),
-    ParamMapping(_LAYER + "self_attn.k_proj.weight", _L + ("attn", "k_kernel"), *_heads_in("num_kv_heads")),
-    ParamMapping(_LAYER + "self_attn.k_proj.bias", _L + ("attn", "k_bias"), *_bias("num_kv_heads")),
-    ParamMapping(_LAYER + "self_attn.v_proj.weight", _L + ("attn", "v_kernel"), *_heads_in("num_kv_heads")),
-    ParamMapping(_LAYER + "self_attn.v_proj.bias", _L + ("attn", "v_bias"), *_bias("num_kv_heads")),
-    ParamMapping(_LAYER + "self_attn.o_proj.weight", _L + ("attn", "o_kernel"), *_o_proj()),
+    ParamMapping(_LAYER + "self_attn.q_proj.weight", _L + ("attn", "q_proj", "kernel"), *_heads_in("num_heads")),
+    ParamMapping(_LAYER + "self_attn.q_proj.bias", _L + ("attn", "q_proj", "bias"), *_bias("num_heads")),
+    ParamMapping(_LAYER + "self_attn.k_proj.weight", _L + ("attn", "k_proj", "kernel"), *_heads_in("num_kv_heads")),
+    ParamMapping(_LAYER + "self_attn.k_proj.bias", _L + ("attn", "k_proj", "bias"), *_bias("num_kv_heads")),
+    ParamMapping(_LAYER + "self_attn.v_proj.weight", _L + ("attn", "v_proj", "kernel"), *_heads_in("num_kv_heads")),
+    ParamMapping(_LAYER + "self_attn.v_proj.bias", _L + ("attn", "v_proj", "bias"), *_bias("num_kv_heads")),
+    ParamMapping(_LAYER + "self_attn.o_proj.weight", _L + ("attn", "o_proj", "kernel"), *_o_proj()),
     ParamMapping(_LAYER + "post_attention_layernorm.weight", _L + ("post_attn_norm", "weight"), _identity, _identity),
-    ParamMapping(_LAYER + "mlp.gate_proj.weight", _L + ("mlp", "gate_kernel"), _transpose, _transpose),
-    ParamMapping(_LAYER + "mlp.up_proj.weight", _L + ("mlp", "up_kernel"), _transpose, _transpose),
-    ParamMapping(_LAYER + "mlp.down_proj.weight", _L + ("mlp", "down_kernel"), _transpose, _transpose),
+    ParamMapping(_LAYER + "mlp.gate_proj.weight", _L + ("mlp", "gate_proj", "kernel"), _transpose, _transpose),
+    ParamMapping(_LAYER + "mlp.up_proj.weight", _L + ("mlp", "up_proj", "kernel"), _transpose, _transpose),
+    ParamMapping(_LAYER + "mlp.down_proj.weight", _L + ("mlp", "down_proj", "kernel"), _transpose, _transpose),
     ParamMapping("model.norm.weight", ("final_norm", "weight"), _identity, _identity),
     ParamMapping("lm_head.weight", ("lm_head",), _transpose, _transpose),
 )
@@ -114,6 +114,10 @@ def expand(cfg: ModelConfig) -> list[tuple[str, tuple, ParamMapping]]:
 
     def key(item):
         match = re.match(r"model\.layers\.(\d+)\.", item[0])
-        return (0 if item[0].startswith("model.embed") else 1, int(match.group(1)) if match else 10**9, order[item[2].hf_key])
+        return (
+            0 if item[0].startswith("model.embed") else 1,
+            int(match.group(1)) if match else 10**9,
+            order[item[2].hf_key],
+        )
 
     return sorted(out, key=key)

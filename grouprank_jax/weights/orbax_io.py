@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import jax
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -24,7 +25,6 @@ CONFIG_FILE = "model_config.json"
 
 
 def save_params(model: Qwen2ForCausalLM, directory: str | Path) -> Path:
-    import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
@@ -51,9 +51,10 @@ def abstract_model(cfg: ModelConfig, mesh: Mesh | None):
     return nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=LOGICAL_AXIS_RULES))
 
 
-def load_params(directory: str | Path, mesh: Mesh | None = None, params_dir: str | Path | None = None, **overrides) -> Qwen2ForCausalLM:
+def load_params(
+    directory: str | Path, mesh: Mesh | None = None, params_dir: str | Path | None = None, **overrides
+) -> Qwen2ForCausalLM:
     """Restore a model onto ``mesh`` (any mesh shape: Orbax reshards on restore)."""
-    import orbax.checkpoint as ocp
 
     directory = Path(directory).absolute()
     cfg = read_model_config(directory, **overrides)

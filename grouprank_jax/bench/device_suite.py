@@ -1,0 +1,220 @@
+"""One-shot accelerator suite: every GPU measurement the issues ask for, in one process.
+
+    grouprank bench device-suite --out results.json          # on the accelerator (or PYTHONPATH=. python -m ...)
+    grouprank bench device-suite --smoke --out smoke.json    # tiny shapes, any backend
+
+Sections (each guarded: a failure is recorded and the suite goes on; a deadline stops new
+sections so partial results always come back):
+1. device copy bandwidth (the decode roofline's denominator);
+2. a Qwen2.5-7B-shaped bf16 forward of one 24k-token sequence with the fused kernel (cuDNN on
+   NVIDIA) vs the pure-JAX chunked kernel: time and max |difference| of the final hidden states;
+3. sampler prefill/decode tokens/s with the fraction of the memory-bandwidth bound;
+4. SFT train step time, tokens/s and MFU (bf16 compute, fp32 master weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from grouprank_jax.bench import sampling as bench_sampling
+from grouprank_jax.bench import train as bench_train
+from grouprank_jax.config import model_preset
+from grouprank_jax.models import create_model
+from grouprank_jax.models.qwen2 import Qwen2ForCausalLM
+from grouprank_jax.sampling import Sampler, SamplingParams
+
+
+def _timeit(fn, repeats=3):
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def attention_24k(preset: str, tokens: int) -> dict:
+    cfg = model_preset(preset, dtype="bfloat16", param_dtype="bfloat16")
+    fused = "cudnn" if jax.default_backend() == "gpu" else "reference"
+    _, state = nnx.split(create_model(cfg.replace(attention_impl=fused)))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, tokens)), jnp.int32)
+    out, hidden = {}, {}
+    for impl in (fused, "chunked"):
+        # same weights, another kernel: only the (static) graph definition changes
+        graphdef = nnx.graphdef(
+            nnx.eval_shape(lambda impl=impl: Qwen2ForCausalLM(cfg.replace(attention_impl=impl), rngs=nnx.Rngs(0)))
+        )
+        fwd = jax.jit(lambda s, x, gd=graphdef: nnx.merge(gd, s)(x, return_hidden=True)[:, -512:])
+        t0 = time.perf_counter()
+        jax.block_until_ready(fwd(state, ids))
+        out[f"{impl}_first_call_s"] = time.perf_counter() - t0
+        out[f"{impl}_s"] = _timeit(lambda fwd=fwd: fwd(state, ids), repeats=2)
+        hidden[impl] = np.asarray(fwd(state, ids).astype(jnp.float32))
+    a, b = hidden[fused], hidden["chunked"]
+    out.update(
+        preset=preset,
+        tokens=tokens,
+        fused=fused,
+        max_abs_diff=float(np.abs(a - b).max()),
+        mean_abs_diff=float(np.abs(a - b).mean()),
+        hidden_abs_mean=float(np.abs(b).mean()),
+    )
+    stats = jax.devices()[0].memory_stats() or {}
+    out["peak_memory_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
+    return out
+
+
+def sampling(preset: str, batches, prompt_len: int, new_tokens: int, bandwidth: float) -> list[dict]:
+
+    cfg = model_preset(preset, dtype="bfloat16", param_dtype="bfloat16")
+    model = create_model(cfg)
+    sampler = Sampler(model, max_prompt_len=prompt_len, max_new_tokens=new_tokens)
+    weight_bytes = cfg.num_params * 2
+    rows = []
+    rng = np.random.default_rng(0)
+    for b in batches:
+        prompts = [list(rng.integers(0, 150000, prompt_len)) for _ in range(b)]
+        params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
+        sampler.generate(prompts, params)  # compile
+        best = None
+        for _ in range(2):
+            out = sampler.generate(prompts, params)
+            if best is None or out.stats.decode_seconds < best.stats.decode_seconds:
+                best = out
+        s = best.stats
+        step_s = s.decode_seconds / max(s.decode_steps, 1)
+        # bytes per decode step: all weights + the KV cache read (average fill: prompt + half the new tokens)
+        kv_bytes = (
+            2
+            * cfg.num_layers
+            * s.batch_bucket
+            * (s.prompt_bucket + new_tokens / 2)
+            * cfg.num_kv_heads
+            * cfg.head_dim
+            * 2
+        )
+        rows.append(
+            {
+                "preset": preset,
+                "batch": b,
+                "prompt_len": prompt_len,
+                "new_tokens": new_tokens,
+                "prefill_tok_s": s.prompt_tokens / s.prefill_seconds,
+                "decode_tok_s": s.generated_tokens / s.decode_seconds,
+                "decode_step_ms": 1e3 * step_s,
+                "bandwidth_fraction": (weight_bytes + kv_bytes) / step_s / bandwidth,
+            }
+        )
+        print(rows[-1], flush=True)
+    del model, sampler
+    return rows
+
+
+def train(preset: str, batch: int, seq: int, lora: int, remat: str) -> dict:
+    args = bench_train.build_parser().parse_args(
+        [
+            "--preset",
+            preset,
+            "--batch",
+            str(batch),
+            "--seq-len",
+            str(seq),
+            "--dtype",
+            "bfloat16",
+            "--lora",
+            str(lora),
+            "--remat",
+            remat,
+            "--steps",
+            "3",
+            "--loss-chunk",
+            "2048",
+        ]
+    )
+    return bench_train.run_bench(args)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--deadline-s", type=float, default=520.0)
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    results: dict = {
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "sections": {},
+    }
+    small = args.smoke
+    plan = [
+        ("bandwidth", lambda: {"copy_bytes_per_s": bench_sampling.copy_bandwidth(64 if small else 2048)}),
+        ("attention_24k", lambda: attention_24k("tiny" if small else "qwen2.5-7b", 1024 if small else 24576)),
+        (
+            "sampling_7b",
+            lambda: sampling(
+                "tiny" if small else "qwen2.5-7b",
+                [1, 8] if small else [1, 8, 32],
+                128 if small else 1024,
+                16 if small else 128,
+                bw(),
+            ),
+        ),
+        (
+            "train_1.5b",
+            lambda: train("tiny" if small else "qwen2.5-1.5b", 2 if small else 8, 128 if small else 2048, 0, "full"),
+        ),
+        (
+            "sampling_1.5b",
+            lambda: sampling(
+                "tiny" if small else "qwen2.5-1.5b",
+                [8] if small else [1, 8, 32],
+                128 if small else 1024,
+                16 if small else 128,
+                bw(),
+            ),
+        ),
+        (
+            "train_7b_lora",
+            lambda: train("tiny" if small else "qwen2.5-7b", 2 if small else 4, 128 if small else 2048, 32, "full"),
+        ),
+    ]
+
+    def bw():
+        return results["sections"].get("bandwidth", {}).get("copy_bytes_per_s") or 4.3e12
+
+    for name, fn in plan:
+        if time.perf_counter() - start > args.deadline_s:
+            results["sections"][name] = {"skipped": "deadline"}
+            continue
+        t0 = time.perf_counter()
+        try:
+            results["sections"][name] = fn()
+        except Exception as err:
+            results["sections"][name] = {
+                "error": f"{type(err).__name__}: {err}",
+                "trace": traceback.format_exc()[-3000:],
+            }
+        results["sections"][name] = {"result": results["sections"][name], "wall_s": time.perf_counter() - t0}
+        print(name, json.dumps(results["sections"][name], default=str)[:1500], flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+        gc.collect()
+        jax.clear_caches()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

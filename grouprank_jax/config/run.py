@@ -1,0 +1,115 @@
+"""``RunConfig``: one YAML file describes a whole run (model, mesh, prompt, SFT, GRPO, reward,
+data, checkpoints).
+
+```yaml
+model: {preset: qwen2.5-7b, dtype: bfloat16, param_dtype: float32, remat: full}
+init_from: /path/to/hf_dir            # optional: HF directory or grouprank checkpoint
+mesh: {data: 1, fsdp: -1, tensor: 1}
+prompt: {preset: grouprank}           # the groupwise prompt both stages train on
+sft: {learning_rate: 3.0e-5, ...}      # SFTConfig fields
+grpo: {rollouts_per_prompt: 8, ...}    # GRPOConfig fields
+reward: {...}                         # RewardConfig fields
+data: {sft_train: [...], rl_train: [...]}
+xla_options: {...}                    # XLA compiler options of every compiled program
+```
+Any field can be overridden on the command line as ``section.field=value``. Every key is read
+by something: an unknown key (a typo in a pod config) is an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from grouprank_jax.config.mesh import MeshConfig
+from grouprank_jax.config.model import ModelConfig, model_preset
+from grouprank_jax.config.yaml_io import from_dict, load_yaml
+from grouprank_jax.rl.config import GRPOConfig
+from grouprank_jax.sft.config import SFTConfig
+from grouprank_jax.task.reward import RewardConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    """The groupwise prompt, shared by SFT, GRPO and the demo's evaluation."""
+
+    preset: str = "grouprank"  # the released checkpoints' prompt (paper-notes §1); or a YAML/JSON file
+    max_doc_chars: int = 3000  # [paper-notes §1] character cut per document
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    sft_train: tuple[str, ...] = ()  # JSONL/Parquet files of SFT records
+    rl_train: tuple[str, ...] = ()  # JSONL/Parquet files of GroupRank records with gold labels
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    save_every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    prompt: PromptConfig = PromptConfig()
+    sft: SFTConfig = SFTConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    reward: RewardConfig = RewardConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    init_from: str | None = None
+    run_dir: str = "runs/default"
+    seed: int = 0
+    # XLA compiler options for every program the run compiles (the trainers' steps, the sampler),
+    # e.g. {xla_tpu_enable_latency_hiding_scheduler: false}; `grouprank compile` uses them too.
+    xla_options: dict = dataclasses.field(default_factory=dict)
+
+    def replace(self, **changes) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _model_from_dict(section: dict[str, Any] | None, where: str) -> ModelConfig:
+    section = dict(section or {})
+    preset = section.pop("preset", None)
+    allowed = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: model: unknown keys {unknown}; allowed: ['preset'] + {sorted(allowed)}")
+    base = model_preset(preset) if preset else ModelConfig()
+    return base.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+
+
+def run_config_from_dict(tree: dict[str, Any], where: str = "run config") -> RunConfig:
+    tree = dict(tree)
+    allowed = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(tree) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown top-level keys {unknown}; allowed: {sorted(allowed)}")
+    kwargs: dict[str, Any] = {"model": _model_from_dict(tree.pop("model", None), where)}
+    sections = {
+        "mesh": MeshConfig,
+        "prompt": PromptConfig,
+        "sft": SFTConfig,
+        "grpo": GRPOConfig,
+        "reward": RewardConfig,
+        "data": DataConfig,
+        "checkpoint": CheckpointConfig,
+    }
+    for name, cls in sections.items():
+        if name in tree:
+            kwargs[name] = from_dict(cls, tree.pop(name), f"{where}: {name}")
+    if "xla_options" in tree and not isinstance(tree["xla_options"], dict):
+        raise ValueError(f"{where}: xla_options must be a mapping of XLA flag -> value")
+    kwargs.update(tree)
+    return RunConfig(**kwargs)
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    return run_config_from_dict(load_yaml(path, overrides), where=str(path))
+
+
+__all__ = ["CheckpointConfig", "DataConfig", "PromptConfig", "RunConfig", "load_run_config", "run_config_from_dict"]

@@ -1,0 +1,125 @@
+"""The one training loop: restore, then preemption-guarded step / log / checkpoint, then close.
+
+SFT and GRPO supply only their state, data iterator and step function (``sft/trainer.py``,
+``rl/trainer.py``). A checkpoint holds the train state (params or adapters, optimizer, step,
+RNG key data) and the grain iterator position, so a restart resumes on the next batch; SIGTERM
+(TPU preemption) finishes the step, saves and returns normally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm.auto import tqdm
+
+from grouprank_jax.checkpoint import Checkpointer
+from grouprank_jax.log_setup import run_log
+from grouprank_jax.metrics_log import MetricsLogger
+from grouprank_jax.preemption import PreemptionGuard
+from grouprank_jax.training.run_dir import RunDir
+from grouprank_jax.training.state import TrainState, apply_restored, restore_target
+
+log = logging.getLogger(__name__)
+
+# (state, batch) -> (state after the step's updates, metrics of the step without the stage prefix)
+StepFn = Callable[[TrainState, Any], tuple[TrainState, dict[str, float]]]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: Any
+    step: int
+    metrics: list[dict]
+    run_dir: Path
+
+
+def progress_bar(enabled: bool, total: int, initial: int, desc: str):
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not enabled or jax.process_index() != 0,
+        dynamic_ncols=True,
+        mininterval=float(os.environ.get("GROUPRANK_PROGRESS_INTERVAL", "1.0")),
+    )
+
+
+def train_loop(
+    stage: str,
+    state: TrainState,
+    data_iter: Iterator,
+    total_steps: int,
+    step_fn: StepFn,
+    *,
+    run_dir: RunDir,
+    checkpoint,
+    stop_after: int | None = None,
+    progress: bool = True,
+    postfix: str = "loss",
+) -> TrainResult:
+    """Run ``step_fn`` until ``total_steps`` (resuming from ``run_dir``'s latest checkpoint).
+
+    ``checkpoint`` is a ``CheckpointConfig``. ``stop_after`` ends the loop at that step after the
+    checkpoint, as a preemption would. Metrics are logged as ``{stage}/{name}`` with the step's
+    wall time; ``postfix`` names the metric the progress bar shows. Every log record of the run,
+    third-party ones included, goes to ``run_dir/run.log``.
+    """
+    with run_log(run_dir.log_file):
+        return _loop(stage, state, data_iter, total_steps, step_fn, run_dir, checkpoint, stop_after, progress, postfix)
+
+
+def _loop(stage, state, data_iter, total_steps, step_fn, run_dir, checkpoint, stop_after, progress, postfix):
+    ckpt = Checkpointer(
+        run_dir.checkpoints, save_every=checkpoint.save_every, keep=checkpoint.keep, async_save=checkpoint.async_save
+    )
+    if ckpt.latest_step() is not None:
+        state = apply_restored(state, ckpt.restore(target=restore_target(state), data_iterator=data_iter).state)
+        log.info("%s: resumed from step %d", stage, state.step)
+    logger = MetricsLogger(run_dir.root)
+    history: list[dict] = []
+    bar = progress_bar(progress, total_steps, state.step, stage)
+    try:
+        # SIGTERM (preemption) and Ctrl-C both finish the step and save; Ctrl-C then interrupts.
+        with PreemptionGuard(signals=(signal.SIGTERM, signal.SIGINT)) as guard:
+            while state.step < total_steps:
+                t0 = time.perf_counter()
+                state, step_metrics = step_fn(state, next(data_iter))
+                state = dataclasses.replace(state, step=state.step + 1)
+                metrics = {f"{stage}/{k}": v for k, v in step_metrics.items()}
+                metrics[f"{stage}/step_time_s"] = time.perf_counter() - t0
+                logger.log(state.step, metrics)
+                history.append({"step": state.step, **metrics})
+                bar.update(1)
+                bar.set_postfix({postfix: f"{step_metrics[postfix]:.3f}"})
+                stopping = guard.should_stop or state.step == stop_after
+                ckpt.save(
+                    state.step,
+                    state.checkpoint_tree(),
+                    data_iterator=data_iter,
+                    force=stopping or state.step == total_steps,
+                )
+                if stopping:
+                    log.warning(
+                        "%s: stopping at step %d (%s); checkpoint saved",
+                        stage,
+                        state.step,
+                        "preempted" if guard.should_stop else "stop_after",
+                    )
+                    if guard.received == signal.SIGINT:
+                        ckpt.wait()  # the save is on disk before the interrupt unwinds
+                        raise KeyboardInterrupt
+                    break
+    finally:
+        bar.close()
+        ckpt.close()
+        logger.close()
+    return TrainResult(model=state.model, step=state.step, metrics=history, run_dir=run_dir.root)

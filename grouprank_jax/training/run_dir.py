@@ -1,0 +1,68 @@
+"""A training run's directory and what a stage writes there before its first step.
+
+Layout: ``model_config.json`` (the trained model's ``ModelConfig``), ``checkpoints/<step>/``
+(Orbax), ``base/params`` (a LoRA run's frozen full weights, which export merges the adapters
+into), ``metrics.jsonl``, ``tb/`` (TensorBoard), ``run.log`` (every log record, third-party
+INFO included) and the curves PNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import jax
+
+from grouprank_jax.data.records import iter_records
+from grouprank_jax.parallel.distributed import agree_max
+from grouprank_jax.weights.loading import rebuild_with_config
+from grouprank_jax.weights.orbax_io import CONFIG_FILE, save_params
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RunDir:
+    """Layout of a training run directory."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "run.log"
+
+    def prepare(self) -> None:
+        if jax.process_index() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+
+
+def save_base_weights(model, run_dir: RunDir) -> None:
+    """Write ``model_config.json`` and, for a LoRA run, the frozen full weights it adapts
+    (export merges the adapters into them; full fine-tuning checkpoints carry every weight)."""
+    run_dir.prepare()
+    # Every process must take the same branch (the save is collective): ask process 0 only.
+    missing = int(jax.process_index() == 0 and not (run_dir.base / "params").exists())
+    if model.cfg.lora_rank and agree_max(missing):
+        base = rebuild_with_config(model, model.cfg.replace(lora_rank=0), model.mesh, 0)
+        save_params(base, run_dir.base)
+    if jax.process_index() == 0:
+        (run_dir.root / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")
+
+
+def stage_records(records, files, purpose: str, key: str) -> list:
+    """The records a stage trains on: ``records`` when given, else the validated ``files``."""
+    if records is not None:
+        return list(records)
+    if not files:
+        raise ValueError(f"no {purpose.upper()} data: set data.{key} to JSONL/Parquet files")
+    return list(iter_records(list(files), purpose=purpose))

@@ -1,0 +1,120 @@
+"""File formats, trec_eval-semantics evaluation, BM25 retrieval and the eval/retrieve CLIs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from grouprank_jax.cli import main
+from grouprank_jax.data import formats
+from grouprank_jax.eval import evaluate
+
+from conftest import shared_path
+
+DL19 = ("data", "trec_dl")
+
+
+@pytest.fixture
+def dl19():
+    return {
+        "run": shared_path(*DL19, "rank_llm.BM25.trec_results_dl19.txt"),
+        "qrels": shared_path(*DL19, "anserini-tools.qrels.dl19-passage.txt"),
+        "json": shared_path(*DL19, "rank_llm.BM25.retrieve_results_dl19.json"),
+    }
+
+
+def test_dl19_bm25_ndcg_matches_pytrec_eval(capsys, dl19):
+    import pytrec_eval
+
+    DL19_RUN, DL19_QRELS = dl19["run"], dl19["qrels"]
+    run, qrels = formats.read_run(DL19_RUN), formats.read_qrels(DL19_QRELS)
+    result = evaluate(run, qrels, ("ndcg_cut_10", "recall_100"))
+    direct = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run)
+    want = sum(v["ndcg_cut_10"] for v in direct.values()) / len(direct)
+    assert result.num_queries == 43
+    assert result.mean["ndcg_cut_10"] == pytest.approx(want, abs=1e-12)
+    assert result.mean["ndcg_cut_10"] == pytest.approx(0.5058, abs=5e-5)
+    assert main(["eval", "--run", str(DL19_RUN), "--qrels", str(DL19_QRELS), "--metrics", "ndcg_cut_10"]) == 0
+    assert "ndcg_cut_10\t0.5058" in capsys.readouterr().out
+
+
+def test_queries_without_judgments_are_skipped():
+    run = {"q1": {"a": 2.0, "b": 1.0}, "q2": {"a": 1.0}}
+    qrels = {"q1": {"b": 1}}
+    result = evaluate(run, qrels, ("ndcg_cut_10", "recall_100"))
+    assert result.num_queries == 1 and set(result.per_query) == {"q1"}
+    assert result.mean["recall_100"] == 1.0
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate(run, qrels, ("nonsense_5",))
+
+
+def test_run_and_qrels_round_trip(tmp_path):
+    run = {"q1": {"d1": 0.5, "d2": 2.0}, "q2": {"x": -1.0}}
+    formats.write_run(run, tmp_path / "run.txt")
+    assert formats.read_run(tmp_path / "run.txt") == run
+    lines = (tmp_path / "run.txt").read_text().splitlines()
+    assert lines[0].split()[:4] == ["q1", "Q0", "d2", "1"]  # sorted by score
+    qrels = {"q1": {"d1": 2, "d2": 0}}
+    formats.write_qrels(qrels, tmp_path / "qrels.txt")
+    assert formats.read_qrels(tmp_path / "qrels.txt") == qrels
+    (tmp_path / "beir.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    assert formats.read_qrels(tmp_path / "beir.tsv") == {"q1": {"d1": 1}}
+
+
+@pytest.mark.parametrize(
+    "reader, content, message",
+    [
+        (formats.read_run, "q1 Q0 d1 1 0.5 tag\nq1 Q0 d2 2 tag\n", ":2: a TREC run line has 6 fields"),
+        (formats.read_run, "q1 Q0 d1 1 high tag\n", ":1: score 'high'"),
+        (formats.read_qrels, "q1 0 d1 1\n\nq1 0 d2 x\n", ":3: relevance 'x'"),
+        (formats.read_beir_corpus, '{"_id": "1", "text": "a"}\n{"text": "b"}\n', ":2: a BEIR JSONL record"),
+        (formats.read_beir_queries, '{"_id": "1", "text": "a"}\nnot json\n', ":2: invalid JSON"),
+        (formats.read_tsv_pairs, "1\tfine\nno tab here\n", ":2: expected 'id<TAB>text'"),
+    ],
+)
+def test_malformed_lines_name_file_and_line(tmp_path, reader, content, message):
+    path = tmp_path / "input.txt"
+    path.write_text(content)
+    with pytest.raises(ValueError) as err:
+        reader(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_beir_collection_and_rank_llm_round_trip(tmp_path):
+    (tmp_path / "corpus.jsonl").write_text(
+        json.dumps({"_id": "d1", "title": "T", "text": "body"}) + "\n" + json.dumps({"_id": 2, "text": "x"}) + "\n"
+    )
+    (tmp_path / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "what?"}) + "\n")
+    corpus, queries = formats.read_collection(tmp_path)
+    assert corpus == {"d1": "T body", "2": "x"} and queries == {"q1": "what?"}
+    entries = [formats.RankLLMQuery("7", "q", ({"content": "c", "qid": 7, "docid": "d", "rank": 1, "score": 2.5},))]
+    formats.write_rank_llm(entries, tmp_path / "r.json")
+    back = formats.read_rank_llm(tmp_path / "r.json")
+    assert back == entries and formats.rank_llm_to_run(back) == {"7": {"d": 2.5}}
+    (tmp_path / "bad.json").write_text('[{"query": "q", "hits": [{"docid": "d"}]}]')
+    with pytest.raises(ValueError, match="needs 'content'"):
+        formats.read_rank_llm(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="expected corpus.jsonl"):
+        formats.read_collection(tmp_path / "nowhere")
+
+
+def test_rank_llm_dl19_matches_its_trec_run(dl19):
+    DL19_JSON, DL19_RUN = dl19["json"], dl19["run"]
+    entries = formats.read_rank_llm(DL19_JSON)
+    assert len(entries) == 43 and all(len(e.hits) == 100 for e in entries)
+    from_json = formats.rank_llm_to_run(entries)
+    from_trec = formats.read_run(DL19_RUN)
+    assert from_json.keys() == from_trec.keys()
+    assert all(from_json[q].keys() == from_trec[q].keys() for q in from_json)
+
+
+def test_bm25_retrieve_cli_on_noveleval(tmp_path, capsys):
+    NOVELEVAL = shared_path("data", "noveleval")
+    out = tmp_path / "bm25.txt"
+    assert main(["retrieve", "--data", str(NOVELEVAL), "--out", str(out), "--top-k", "20"]) == 0
+    run = formats.read_run(out)
+    assert len(run) == 21 and all(0 < len(docs) <= 20 for docs in run.values())
+    result = evaluate(run, formats.read_qrels(NOVELEVAL / "qrels.txt"), ("ndcg_cut_10",))
+    # Over the whole 420-passage corpus (not each query's own 20), BM25 still finds the topic.
+    assert result.mean["ndcg_cut_10"] > 0.3

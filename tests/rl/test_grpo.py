@@ -1,0 +1,174 @@
+"""GRPO: on-policy ratio = 1 on the first update, the 8-device update equals the 1-device one,
+and LoRA's reference policy is the base model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from grouprank_jax.config import MeshConfig, model_preset
+from grouprank_jax.config.run import run_config_from_dict
+from grouprank_jax.data.records import records_from_rows
+from grouprank_jax.models import create_model, shard_model
+from grouprank_jax.parallel import make_mesh
+from grouprank_jax.rl.config import GRPOConfig
+from grouprank_jax.rl.losses import loss_kwargs
+from grouprank_jax.rl.step import completion_logprobs, make_grpo_update
+from grouprank_jax.training.state import init_train_state, make_optimizer, shard_batch
+from grouprank_jax.weights.loading import rebuild_with_config
+
+ROWS = [
+    {
+        "query": f"topic{i % 3}",
+        "documents": [f"passage {j} on topic{j % 3}" for j in range(5)],
+        "gold": [10 if j % 3 == i % 3 else 0 for j in range(5)],
+    }
+    for i in range(8)
+]
+
+
+def test_first_update_ratio_is_one_and_drift_is_logged(tmp_path):
+    from grouprank_jax.rl.trainer import train_grpo
+
+    cfg = run_config_from_dict(
+        {
+            "model": {"preset": "tiny"},
+            "prompt": {"preset": "compact"},
+            "grpo": {
+                "rollouts_per_prompt": 2,
+                "global_batch_prompts": 2,
+                "mini_batch_prompts": 2,
+                "max_prompt_len": 256,
+                "max_response_len": 16,
+                "group_size_min": 3,
+                "group_size_max": 4,
+                "lora_rank": 4,
+                "lora_alpha": 8.0,
+            },
+            "run_dir": str(tmp_path / "run"),
+        }
+    )
+    result = train_grpo(cfg, records=records_from_rows(ROWS, purpose="rl"), max_steps=1, progress=False)
+    metrics = result.metrics[0]
+    assert abs(metrics["grpo/first_ratio_mean"] - 1.0) <= 1e-5
+    assert 0.0 <= metrics["grpo/logprob_drift"] <= 1e-4
+    for key in ("grpo/reward_mean", "grpo/format_valid_rate", "grpo/entropy", "grpo/kl", "grpo/step_time_s"):
+        assert key in metrics
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _rollout_batch(rng, rows=8, prompt=12, completion=10, vocab=512):
+    seq = rng.integers(3, vocab, (rows, prompt + completion)).astype(np.int32)
+    mask = np.ones_like(seq)
+    mask[:, : rng.integers(0, 4)] = 0  # some left padding
+    comp = np.ones((rows, completion), np.int32)
+    for r in range(rows):
+        comp[r, rng.integers(3, completion + 1) :] = 0
+    mask[:, prompt:] = comp
+    return prompt, {
+        "seq_ids": seq,
+        "seq_mask": mask,
+        "completion_mask": comp,
+        "advantages": rng.standard_normal(rows).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_update_on_8_device_mesh_equals_single_device(lora):
+    cfg = model_preset("tiny-smallvocab", num_heads=4, num_kv_heads=2)
+    base = create_model(cfg, seed=5)
+    if lora:
+        base = rebuild_with_config(base, cfg.replace(lora_rank=4, lora_alpha=8.0), None, 0)
+        # non-zero adapters, so the LoRA path is really exercised
+        graphdef, state = nnx.split(base)
+        state = jax.tree.map(lambda x: x + 0.01 if x.ndim >= 2 else x, state)
+        base = nnx.merge(graphdef, state)
+    grpo = GRPOConfig(kl_coef=0.001)
+    P, rows = _rollout_batch(np.random.default_rng(0))
+    tx = make_optimizer(1e-3, 10)
+    results = []
+    for mesh in (None, make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))):
+        model = base if mesh is None else shard_model(base, mesh)
+        state = init_train_state(model, tx, lora=lora)
+        batch = shard_batch(rows, mesh)
+        old, _ = completion_logprobs(
+            state.trainable, state.frozen, state.graphdef, batch["seq_ids"], batch["seq_mask"], P, 8
+        )
+        batch["old_logp"] = old - 0.01  # off-policy by a little, so clipping is exercised
+        batch["ref_logp"] = old + 0.02
+        update = make_grpo_update(state.graphdef, tx, loss_kwargs(grpo), P, 8, donate=False)
+        trainable, _, metrics = update(state.trainable, state.frozen, state.opt_state, batch)
+        results.append((jax.tree.map(np.asarray, trainable), jax.device_get(metrics)))
+    (t1, m1), (t8, m8) = results
+    np.testing.assert_allclose(m1["loss"], m8["loss"], atol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(t1), jax.tree.leaves(t8)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batches_equal_one_pass(agg):
+    """Micro-batched gradient accumulation (strided micro-batches, a global denominator) is the
+    same update as one pass: SGD's new params are ``-lr * grad`` away from the old ones, so they
+    compare the gradients directly, and AdamW's first moments (``(1 - b1) * grad``) and second
+    moments (``(1 - b2) * grad**2``) compare the optimizer state."""
+    model = create_model(model_preset("tiny-smallvocab"), seed=7)
+    grpo = GRPOConfig(kl_coef=0.001, loss_agg_mode=agg)
+    P, rows = _rollout_batch(np.random.default_rng(2))
+    outs = {}
+    for name, tx in (("sgd", optax.sgd(1.0)), ("adamw", make_optimizer(1e-3, 10, max_grad_norm=None))):
+        for micro in (None, 2):
+            state = init_train_state(model, tx, lora=False)
+            batch = {k: jnp.asarray(v) for k, v in rows.items()}
+            old, _ = completion_logprobs(
+                state.trainable, state.frozen, state.graphdef, batch["seq_ids"], batch["seq_mask"], P, 8
+            )
+            batch["old_logp"], batch["ref_logp"] = old - 0.01, old + 0.02
+            update = make_grpo_update(state.graphdef, tx, loss_kwargs(grpo), P, 8, donate=False, micro_rows=micro)
+            outs[name, micro] = jax.device_get(update(state.trainable, state.frozen, state.opt_state, batch))
+    (t1, _, m1), (t2, _, m2) = outs["sgd", None], outs["sgd", 2]
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    moved = max(
+        float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(t1), jax.tree.leaves(nnx.state(model, nnx.Param)))
+    )
+    assert moved > 1e-4  # the update did something
+    for a, b in zip(jax.tree.leaves(t1), jax.tree.leaves(t2)):
+        np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5)
+    (_, o1, _), (_, o2, _) = outs["adamw", None], outs["adamw", 2]
+    assert len(jax.tree.leaves(o1)) > 2
+    for a, b in zip(jax.tree.leaves(o1), jax.tree.leaves(o2)):
+        # float summation order: errors relative to the largest entry, not to each entry
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(np.abs(b).max()) + 1e-30, rtol=1e-4)
+
+
+def test_lora_reference_is_base_model():
+    cfg = model_preset("tiny-smallvocab")
+    base = create_model(cfg, seed=6)
+    adapted = rebuild_with_config(base, cfg.replace(lora_rank=4), None, 0)
+    graphdef, state = nnx.split(adapted)
+    state = jax.tree.map(lambda x: x + 0.05 if x.ndim >= 2 else x, state)  # move the adapters (and base)
+    adapted = nnx.merge(graphdef, state)
+    ids = np.random.default_rng(1).integers(3, 512, (2, 9))
+    with_adapters = adapted(ids)
+    without = adapted(ids, use_lora=False)
+    assert float(jnp.abs(with_adapters - without).max()) > 1e-3
+    # adapters off == a plain model holding the same base weights
+    plain = rebuild_with_config(adapted, cfg, None, 0)
+    np.testing.assert_allclose(without, plain(ids), atol=1e-6)
+
+
+def test_mini_batches_are_strided_over_prompts():
+    from grouprank_jax.rl.trainer import mini_batch_rows
+
+    minis = mini_batch_rows(num_prompts=8, rollouts=2, num_minis=2)
+    assert [m.tolist() for m in minis] == [[0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15]]
+    assert sorted(np.concatenate(minis).tolist()) == list(range(16))  # every rollout once
+    # With the prompts held contiguously by 2 (or 4) processes, each mini-batch takes the same
+    # number of prompts from every process.
+    for processes in (2, 4):
+        owner = np.repeat(np.arange(processes), 16 // processes)
+        for m in minis:
+            assert len(set(np.bincount(owner[m], minlength=processes).tolist())) == 1

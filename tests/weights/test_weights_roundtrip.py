@@ -1,0 +1,122 @@
+"""HF -> ours -> HF round trips, sharded export, and clear errors on bad checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from grouprank_jax.weights import CheckpointFormatError, load_hf, save_hf
+
+from hf_utils import hf_logits, left_padded_batch, make_hf_model
+
+
+def _all_tensors(path):
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_round_trip_bit_identical(tmp_path, tied):
+    from transformers import AutoModelForCausalLM
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    hf = make_hf_model(src, tied=tied)
+    save_hf(load_hf(src), dst)
+    before, after = _all_tensors(src), _all_tensors(dst)
+    assert sorted(before) == sorted(after)
+    for key in before:
+        assert before[key].dtype == after[key].dtype
+        np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(
+        str(dst), output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert reloaded.config.tie_word_embeddings == tied
+    ids, mask = left_padded_batch(np.random.default_rng(0), [6, 9], 512)
+    valid = mask.astype(bool)
+    np.testing.assert_array_equal(hf_logits(hf, ids, mask)[valid], hf_logits(reloaded.eval(), ids, mask)[valid])
+
+
+def test_sharded_export_with_index(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_hf_model(src, tied=False)
+    save_hf(load_hf(src), dst, max_shard_bytes=100_000)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 1 and all((dst / f).exists() for f in files)
+    _, info = AutoModelForCausalLM.from_pretrained(str(dst), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    # and our loader reads the sharded layout back
+    before, after = _all_tensors(src), _all_tensors(dst)
+    reloaded = _all_tensors(_roundtrip(dst, tmp_path / "again"))
+    for key in before:
+        np.testing.assert_array_equal(before[key], reloaded[key])
+    assert sorted(after) == sorted(before)
+
+
+def _roundtrip(src, dst):
+    save_hf(load_hf(src), dst)
+    return dst
+
+
+def test_bf16_export_keeps_dtype(tmp_path):
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_hf_model(src, tied=True)
+    save_hf(load_hf(src, dtype=jnp.bfloat16), dst)
+    tensors = _all_tensors(dst)
+    assert all(t.dtype == ml_dtypes.bfloat16 for t in tensors.values())
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def _corrupt(src, mutate):
+    file = src / "model.safetensors"
+    tensors = load_file(str(file))
+    mutate(tensors)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def test_missing_tensor_names_key(tmp_path):
+    make_hf_model(tmp_path)
+    _corrupt(tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointFormatError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_hf(tmp_path)
+
+
+def test_wrong_shape_names_key_and_file(tmp_path):
+    make_hf_model(tmp_path)
+
+    def shrink(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:-1]
+
+    _corrupt(tmp_path, shrink)
+    with pytest.raises(CheckpointFormatError, match=r"model\.safetensors.*k_proj\.weight.*shape"):
+        load_hf(tmp_path)
+
+
+def test_unexpected_tensor_names_key(tmp_path):
+    make_hf_model(tmp_path)
+    _corrupt(tmp_path, lambda t: t.__setitem__("model.layers.5.extra.weight", np.zeros(3, np.float32)))
+    with pytest.raises(CheckpointFormatError, match=r"model\.layers\.5\.extra\.weight"):
+        load_hf(tmp_path)
+
+
+def test_non_qwen2_config_names_file(tmp_path):
+    make_hf_model(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json.*llama"):
+        load_hf(tmp_path)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf(tmp_path / "nope")
