@@ -1,4 +1,4 @@
-"""``grouprank bench sampling|train|rerank|device-suite [args...]``: throughput benchmarks.
+"""``grouprank bench sampling|train|rerank|device-suite|shared-prefix [args...]``: throughput benchmarks.
 
 Each prints a table and writes JSON (``--out``); ``grouprank bench <name> --help`` lists its
 arguments. ``sampling`` and ``train`` also run as several processes (e.g.
@@ -17,13 +17,14 @@ MODULES = {
     "train": "grouprank_jax.bench.train",
     "rerank": "grouprank_jax.bench.rerank",
     "device-suite": "grouprank_jax.bench.device_suite",
+    "shared-prefix": "grouprank_jax.bench.shared_prefix",
 }
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="throughput benchmarks (sampling, train, rerank, device-suite)",
+        help="throughput benchmarks (sampling, train, rerank, device-suite, shared-prefix)",
         description=__doc__,
         epilog="example: grouprank bench sampling --preset tiny --batch 1,8 --compare hf",
     )

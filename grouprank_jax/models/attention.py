@@ -118,6 +118,61 @@ def chunked_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=Non
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
+def _partial_softmax(scores, mask):
+    """Softmax over one part of the keys, with that part's log-sum-exp for merging.
+
+    scores [..., S] fp32 (already scaled), mask [..., S] (broadcastable). Returns (probs
+    [..., S] normalised within the part, lse [...]).
+    Masked keys carry ``MASK_VALUE`` (finite), so a part with no visible key gets an lse near
+    ``MASK_VALUE`` and weight exp(lse - m) = 0 in the merge (the empty-part guard).
+    """
+    scores = jnp.where(mask, scores, MASK_VALUE)
+    part_max = scores.max(axis=-1, keepdims=True)
+    probs = jnp.exp(scores - part_max)
+    total = probs.sum(axis=-1, keepdims=True)
+    return probs / total, (part_max + jnp.log(total))[..., 0]
+
+
+def shared_prefix_decode_attention(q, prefix_k, prefix_v, prefix_valid, suffix_k, suffix_v, suffix_valid):
+    """One decode step of G rollouts per prompt over a shared prompt KV plus their own suffixes.
+
+    q [R, 1, N, H] with R = B * G rows, prompt-major (row b*G + j is rollout j of prompt b);
+    prefix_k/v [B, P, K, H], prefix_valid [B, P]; suffix_k/v [R, S, K, H], suffix_valid [R, S]
+    (a suffix slot is valid once written, so it carries causality too). Returns [R, 1, N, H].
+
+    The prefix part folds the G rollouts into the query-group axis (as GQA folds query heads),
+    so each prompt's KV is read once per step for all of its rollouts instead of once per row;
+    the two parts are merged by their log-sum-exp: out = (a*o1 + b*o2) / (a + b) with
+    a = exp(lse1 - m), b = exp(lse2 - m), m = max(lse1, lse2). Equal to softmax attention over
+    the concatenation [prefix, suffix] of each row (tested against ``reference_attention``).
+    """
+    r, t, n, h = q.shape
+    b, kv_heads = prefix_k.shape[0], prefix_k.shape[2]
+    g, gq = r // b, n // kv_heads
+    if r != b * g or t != 1:
+        raise ValueError(f"shared-prefix decode needs [B*G, 1, N, H] queries for {b} prompts; got {q.shape}")
+    scale = h**-0.5
+    # Prefix part: [B, K, G, Gq, P] scores, one read of the prompt's KV for all G rollouts.
+    q_prefix = q.reshape(b, g, kv_heads, gq, h)
+    scores = jnp.einsum("bgkqh,bpkh->bkgqp", q_prefix, prefix_k, preferred_element_type=jnp.float32) * scale
+    probs, lse_prefix = _partial_softmax(scores, prefix_valid[:, None, None, None, :])
+    probs = probs.astype(prefix_v.dtype)
+    out_prefix = jnp.einsum("bkgqp,bpkh->bgkqh", probs, prefix_v, preferred_element_type=jnp.float32)
+    out_prefix = out_prefix.reshape(r, kv_heads, gq, h)
+    lse_prefix = lse_prefix.transpose(0, 2, 1, 3).reshape(r, kv_heads, gq)  # [B,K,G,Gq] -> [R,K,Gq]
+    # Suffix part: each row over its own generated tokens.
+    q_suffix = q.reshape(r, kv_heads, gq, h)
+    scores = jnp.einsum("rkqh,rskh->rkqs", q_suffix, suffix_k, preferred_element_type=jnp.float32) * scale
+    probs, lse_suffix = _partial_softmax(scores, suffix_valid[:, None, None, :])
+    probs = probs.astype(suffix_v.dtype)
+    out_suffix = jnp.einsum("rkqs,rskh->rkqh", probs, suffix_v, preferred_element_type=jnp.float32)
+    # Merge by log-sum-exp.
+    m = jnp.maximum(lse_prefix, lse_suffix)
+    a, c = jnp.exp(lse_prefix - m)[..., None], jnp.exp(lse_suffix - m)[..., None]
+    out = (a * out_prefix + c * out_suffix) / (a + c)  # [R, K, Gq, H]
+    return out.reshape(r, 1, n, h).astype(q.dtype)
+
+
 def cudnn_attention(q, k, v, q_slot, kv_slot, kv_valid, q_seg=None, kv_seg=None):
     """NVIDIA cuDNN fused attention via ``jax.nn.dot_product_attention``.
 

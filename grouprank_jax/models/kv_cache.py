@@ -1,15 +1,22 @@
-"""The dense, preallocated KV cache the sampler drives.
+"""The dense, preallocated KV caches the sampler drives.
 
-One pytree for all layers (stacked on a leading ``layers`` axis) so the whole cache can be
-donated to the jitted decode loop and updated in place.
+``KVCache`` holds one ``[batch, slots, kv_heads, head_dim]`` array per layer (a tuple, not one
+stacked ``[layers, ...]`` array): inside the decode ``while_loop`` a layer then reads its own
+buffer, whereas slicing a layer out of a stacked cache made XLA copy that layer's whole cache
+every step (seen on CPU as one ``slice`` fusion per layer per step). The cache is donated to the
+jitted decode loop and updated in place.
 
 Protocol (what ``Qwen2ForCausalLM.__call__`` does with a cache):
 - a call with T > 1 tokens is a *prefill*: it must start at ``index == 0``; it writes slots
   ``[0, T)``, marks them valid where ``attention_mask`` is 1 (left padding stays invalid), and
   attends within those T tokens (so fused prefill kernels apply);
 - a call with T == 1 is a *decode step*: it writes slot ``index`` for every row (rows decode in
-  lockstep) and attends over every valid slot ``<= index``;
+  lockstep) and attends over every valid slot ``<= index``, plus, when a ``PrefixKV`` is given,
+  over that row's shared prompt (``attention.shared_prefix_decode_attention``);
 - both return the cache with ``index`` advanced by T.
+
+``PrefixKV`` is a prefilled prompt cache that G rollouts share: ``[prompts, P, K, H]`` per layer,
+read-only during decode, while each rollout row writes only its own suffix ``KVCache``.
 """
 
 from __future__ import annotations
@@ -21,49 +28,77 @@ import jax.numpy as jnp
 
 from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, named_sharding
 
-CACHE_AXES = ("layers", "cache_batch", "cache_length", "cache_kv_heads", "head_dim")
+CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "head_dim")  # one layer's K or V
+VALID_AXES = ("cache_batch", "cache_length")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
-    v: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
+    k: tuple[jax.Array, ...]  # per layer [batch, slots, kv_heads, head_dim]
+    v: tuple[jax.Array, ...]  # per layer [batch, slots, kv_heads, head_dim]
     valid: jax.Array  # [batch, slots] bool: the slot holds a real (non-padding) token
     index: jax.Array  # [] int32: the next slot to write
 
     @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    @property
     def num_slots(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @classmethod
     def init(cls, num_layers, batch, slots, kv_heads, head_dim, dtype=jnp.float32, mesh=None, rules=LOGICAL_AXIS_RULES):
-        shape = (num_layers, batch, slots, kv_heads, head_dim)
-        k = jnp.zeros(shape, dtype)
-        v = jnp.zeros(shape, dtype)
+        shape = (batch, slots, kv_heads, head_dim)
         valid = jnp.zeros((batch, slots), bool)
-        if mesh is not None and mesh.size > 1:
-            sharding = named_sharding(mesh, CACHE_AXES, shape, rules)
-            k = jax.device_put(k, sharding)
-            v = jax.device_put(v, sharding)
-            valid = jax.device_put(valid, named_sharding(mesh, ("cache_batch", "cache_length"), valid.shape, rules))
-        return cls(k=k, v=v, valid=valid, index=jnp.zeros((), jnp.int32))
+
+        def put(x, names):
+            if mesh is None or mesh.size == 1:
+                return x
+            return jax.device_put(x, named_sharding(mesh, names, x.shape, rules))
+
+        k = tuple(put(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(num_layers))
+        v = tuple(put(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(num_layers))
+        return cls(k=k, v=v, valid=put(valid, VALID_AXES), index=jnp.zeros((), jnp.int32))
 
     def repeat(self, n: int) -> KVCache:
-        """Each row repeated ``n`` times consecutively (row i -> rows i*n .. i*n+n-1): one prefill
-        serves the n rollouts of a prompt."""
+        """Each row repeated ``n`` times consecutively (row i -> rows i*n .. i*n+n-1): the
+        per-row layout, where every rollout holds its own copy of the prompt."""
         if n == 1:
             return self
         return KVCache(
-            k=jnp.repeat(self.k, n, axis=1),
-            v=jnp.repeat(self.v, n, axis=1),
+            k=tuple(jnp.repeat(x, n, axis=0) for x in self.k),
+            v=tuple(jnp.repeat(x, n, axis=0) for x in self.v),
             valid=jnp.repeat(self.valid, n, axis=0),
             index=self.index,
         )
 
     def nbytes(self) -> int:
-        return int(self.k.size * self.k.dtype.itemsize * 2 + self.valid.size)
+        return int(sum(x.size * x.dtype.itemsize for x in self.k + self.v) + self.valid.size)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PrefixKV:
+    """A prompt's keys/values, stored once and read by all of its rollouts."""
+
+    k: tuple[jax.Array, ...]  # per layer [prompts, prompt_slots, kv_heads, head_dim]
+    v: tuple[jax.Array, ...]  # per layer [prompts, prompt_slots, kv_heads, head_dim]
+    valid: jax.Array  # [prompts, prompt_slots] bool (left padding is False)
+
+    @classmethod
+    def from_cache(cls, cache: KVCache) -> PrefixKV:
+        """A prefilled cache (its every slot written) as a shared prefix."""
+        return cls(k=cache.k, v=cache.v, valid=cache.valid)
+
+    @property
+    def num_prompts(self) -> int:
+        return self.k[0].shape[0]
+
+    def nbytes(self) -> int:
+        return int(sum(x.size * x.dtype.itemsize for x in self.k + self.v) + self.valid.size)

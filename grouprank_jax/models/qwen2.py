@@ -21,8 +21,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from grouprank_jax.config import ModelConfig
-from grouprank_jax.models.attention import attend
-from grouprank_jax.models.kv_cache import KVCache
+from grouprank_jax.models.attention import attend, shared_prefix_decode_attention
+from grouprank_jax.models.kv_cache import KVCache, PrefixKV
 from grouprank_jax.models.projection import Projection, normal_param
 from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, Rules, shard, use_mesh
 
@@ -36,6 +36,7 @@ class AttentionInputs:
     kv_valid: jax.Array | None  # [B, S] bool: the key slot holds a real token; None = all valid
     segment_ids: jax.Array | None  # [B, T] int32 packing segments (0 = padding); None = unpacked
     cache_index: jax.Array | None = None  # [] int32: the slot a decode step writes; None = full sequence
+    prefix: PrefixKV | None = None  # a decode step's shared prompt KV (rows = prompts x rollouts)
 
 
 class RMSNorm(nnx.Module):
@@ -126,18 +127,29 @@ class Attention(nnx.Module):
                 **kernel,
             )
         if cache_kv is not None:
-            # In-place write of this layer's new keys/values into the stacked, donated buffers.
-            all_k, all_v = cache_kv
-            at = (self.layer_index, 0, inputs.cache_index if decode else 0, 0, 0)
-            all_k = jax.lax.dynamic_update_slice(all_k, k[None].astype(all_k.dtype), at)
-            all_v = jax.lax.dynamic_update_slice(all_v, v[None].astype(all_v.dtype), at)
-            cache_kv = (all_k, all_v)
-            if decode:
-                slots = jnp.arange(all_k.shape[2], dtype=jnp.int32)
+            # In-place write of this layer's new keys/values into its donated buffers.
+            layer_k, layer_v = cache_kv  # [B, slots, K, H] each
+            at = (0, inputs.cache_index if decode else 0, 0, 0)
+            layer_k = jax.lax.dynamic_update_slice(layer_k, k.astype(layer_k.dtype), at)
+            layer_v = jax.lax.dynamic_update_slice(layer_v, v.astype(layer_v.dtype), at)
+            cache_kv = (layer_k, layer_v)
+            if decode and inputs.prefix is not None:
+                prefix = inputs.prefix
+                out = shared_prefix_decode_attention(
+                    q,
+                    prefix.k[self.layer_index].astype(dt),
+                    prefix.v[self.layer_index].astype(dt),
+                    prefix.valid,
+                    layer_k.astype(dt),
+                    layer_v.astype(dt),
+                    inputs.kv_valid,
+                )
+            elif decode:
+                slots = jnp.arange(layer_k.shape[1], dtype=jnp.int32)
                 out = attend(
                     q,
-                    all_k[self.layer_index].astype(dt),
-                    all_v[self.layer_index].astype(dt),
+                    layer_k.astype(dt),
+                    layer_v.astype(dt),
                     inputs.q_slot,
                     slots,
                     inputs.kv_valid,
@@ -185,7 +197,9 @@ class Qwen2ForCausalLM(nnx.Module):
 
     Optional: ``positions`` [B, T] (default: derived from the mask as HF generation does,
     ``cumsum(mask) - 1``), ``segment_ids`` [B, T] for packed rows (0 = padding), ``cache`` (a
-    ``KVCache``; then ``(logits, cache)`` is returned), ``return_hidden`` (final normed hidden
+    ``KVCache``; then ``(logits, cache)`` is returned), ``prefix`` (a ``PrefixKV`` shared by the
+    rows of a decode step: rows are prompt-major, G = rows / prompts rollouts per prompt, and the
+    cache then holds only each row's generated suffix), ``return_hidden`` (final normed hidden
     states instead of logits, for losses that apply the LM head blockwise), ``use_lora`` (False
     runs the base weights only, i.e. the reference policy of a LoRA run).
 
@@ -227,11 +241,14 @@ class Qwen2ForCausalLM(nnx.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         use_lora: bool = True,
+        prefix: PrefixKV | None = None,
     ):
         with use_mesh(self.mesh, self.rules):
-            return self._forward(input_ids, attention_mask, positions, segment_ids, cache, return_hidden, use_lora)
+            return self._forward(
+                input_ids, attention_mask, positions, segment_ids, cache, return_hidden, use_lora, prefix
+            )
 
-    def _forward(self, input_ids, attention_mask, positions, segment_ids, cache, return_hidden, use_lora):
+    def _forward(self, input_ids, attention_mask, positions, segment_ids, cache, return_hidden, use_lora, prefix):
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids, jnp.int32)
         b, t = input_ids.shape
@@ -242,6 +259,8 @@ class Qwen2ForCausalLM(nnx.Module):
             seg_valid = segment_ids > 0
             attention_mask = seg_valid if attention_mask is None else attention_mask & seg_valid
 
+        if prefix is not None and (cache is None or t != 1):
+            raise ValueError("prefix= is for decode steps (one token per row, with a suffix cache)")
         if cache is None or t > 1:
             if positions is None:
                 if attention_mask is not None:
@@ -261,14 +280,16 @@ class Qwen2ForCausalLM(nnx.Module):
                 kv_valid=jax.lax.dynamic_update_slice_in_dim(cache.valid, step_valid, cache.index, axis=1),
                 segment_ids=None,
                 cache_index=cache.index,
+                prefix=prefix,
             )
         positions = jnp.asarray(positions, jnp.int32)
 
         x = shard(jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.dtype), ("batch", "length", "act_embed"))
         cos, sin = rotary_embedding(positions, cfg.head_dim, cfg.rope_theta)
 
-        cache_kv = None if cache is None else (cache.k, cache.v)
-        for layer in self.layers:
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            cache_kv = None if cache is None else (cache.k[i], cache.v[i])
             if cfg.remat != "none" and cache is None:
                 # Pure jax.checkpoint over the layer's (graphdef, state): NNX objects never cross
                 # the remat trace boundary, which keeps LoRA and frozen params legal to read.
@@ -280,6 +301,9 @@ class Qwen2ForCausalLM(nnx.Module):
                 x, cache_kv = jax.checkpoint(pure, policy=_REMAT_POLICIES[cfg.remat])(layer_state, x, cos, sin, inputs)
             else:
                 x, cache_kv = layer(x, cos, sin, inputs, cache_kv, use_lora)
+                if cache is not None:
+                    new_k.append(cache_kv[0])
+                    new_v.append(cache_kv[1])
         hidden = self.final_norm(x)
         out = hidden if return_hidden else shard(self.logits_from_hidden(hidden), ("batch", "length", "act_vocab"))
         if cache is None:
@@ -289,4 +313,4 @@ class Qwen2ForCausalLM(nnx.Module):
             new_valid = cache.valid.at[:, :t].set(valid)
         else:
             new_valid = inputs.kv_valid
-        return out, KVCache(k=cache_kv[0], v=cache_kv[1], valid=new_valid, index=cache.index + t)
+        return out, KVCache(k=tuple(new_k), v=tuple(new_v), valid=new_valid, index=cache.index + t)

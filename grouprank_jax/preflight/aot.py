@@ -66,6 +66,7 @@ CONFIG_KEYS = {
         "grpo.rollouts_per_prompt",
         "grpo.max_prompt_len",
         "grpo.max_response_len",
+        "grpo.shared_prefix_sampling",
         "mesh",
     ),
 }
@@ -271,6 +272,7 @@ def grpo_jobs(run, mesh: Mesh) -> list[CompileJob]:
         max_prompt_len=P,
         max_new_tokens=C,
         compiler_options=sampler_options,
+        shared_prefix=grpo.shared_prefix_sampling,
     )
     params = SamplingParams(temperature=grpo.temperature, n=G, max_new_tokens=C, stop=(STOP_STRING,))
     lowered: dict = {}
@@ -283,7 +285,12 @@ def grpo_jobs(run, mesh: Mesh) -> list[CompileJob]:
     b, t = sampler.bucket_shape(grpo.global_batch_prompts, P)
     # The sampler's options (the resident reservation included) are inside its own jits.
     out.append(CompileJob("sampler_prefill", f"{b} prompts x {t} tokens, n={G}", lambda: lower(0), resident))
-    out.append(CompileJob("sampler_decode", f"{b * G} rows x {t}+{C} slots", lambda: lower(1), resident))
+    layout = (
+        f"{b} prompt KVs x {t} slots shared by G={G}, {b * G} rows x {C} suffix slots"
+        if grpo.shared_prefix_sampling
+        else f"{b * G} rows x {t}+{C} slots"
+    )
+    out.append(CompileJob("sampler_decode", layout, lambda: lower(1), resident))
     return out
 
 

@@ -32,8 +32,11 @@ Training-step temporaries (``_train_temporaries``), calibrated against TPU XLA's
   program; only the vocabulary split over ``tensor`` remains).
 
 Forward-only programs (reference log-probs, prefill) hold two layers' gathered weights, one
-layer's working set and one logits block. The KV cache is ``2 * L * rows * slots * K * H * a``; the decode loop keeps
-a second copy of the donated cache (XLA double-buffers the while-loop carry).
+layer's working set and one logits block. A KV cache is ``2 * L * rows * slots * K * H * a``. The
+shared-prefix sampler (``grpo.shared_prefix_sampling``) holds the prompt KV once per prompt
+(``rows = prompts, slots = P``) and a suffix per rollout (``rows = prompts * G, slots = C``); the
+per-row layout holds ``prompts * G`` rows of ``P + C`` slots. Either way the decode loop keeps a
+second copy of the cache it writes (XLA double-buffers the while-loop carry).
 """
 
 from __future__ import annotations
@@ -417,26 +420,45 @@ def stage_functions(
         out.append(FunctionEstimate("grpo_ref_logprobs", tuple(ref), s.opt_bytes + ref_copy, "optimizer state"))
     prompts_local = _div(g.global_batch_prompts, shards)
     resident, note = s.opt_bytes + ref_copy, "optimizer state" + (" + KL reference" if ref_copy else "")
-    cache_rows = kv_cache_bytes(s, prompts_local * G, P + C)
-    prefill = [
-        params,
-        MemoryLine("KV cache (output)", cache_rows, f"{prompts_local} prompts x G={G} rows x {P}+{C} slots"),
-        MemoryLine("prefill cache", kv_cache_bytes(s, prompts_local, P + C), "before the repeat for G rollouts"),
-    ]
+    rows = prompts_local * G
+    step = MemoryLine(
+        "step temporaries",
+        rows * (6 * 4 * s.dims.v + 8 * C) + s.gathered_layer_bytes(2) + s.embedding_gather_bytes,
+        "fp32 logits and the draw's vocabulary-wide buffers, tokens/log-probs, two gathered "
+        "layers, the gathered embedding table",
+    )
+    if g.shared_prefix_sampling:
+        # One prompt KV per prompt (read-only in the loop) + each row's suffix, which the while
+        # loop keeps twice (its carry and the body's update), like the per-row cache below.
+        prompt_kv = kv_cache_bytes(s, prompts_local, P)
+        prefill = [
+            params,
+            MemoryLine("prompt KV (output)", prompt_kv, f"{prompts_local} prompts x {P} slots, once"),
+            MemoryLine("prompt KV (written)", prompt_kv, "the cache the layers write before it is returned"),
+        ]
+        suffix = kv_cache_bytes(s, rows, C)
+        decode = [
+            params,
+            MemoryLine("prompt KV (shared)", prompt_kv, f"{prompts_local} prompts x {P} slots for G={G} rollouts"),
+            MemoryLine("suffix KV", suffix, f"{rows} rows x {C} slots"),
+            MemoryLine("suffix KV (loop copy)", suffix, "the while loop's second buffer"),
+            step,
+        ]
+    else:
+        cache_rows = kv_cache_bytes(s, rows, P + C)
+        prefill = [
+            params,
+            MemoryLine("KV cache (output)", cache_rows, f"{prompts_local} prompts x G={G} rows x {P}+{C} slots"),
+            MemoryLine("prefill cache", kv_cache_bytes(s, prompts_local, P + C), "before the repeat for G rollouts"),
+        ]
+        decode = [
+            params,
+            MemoryLine("KV cache (donated)", cache_rows, f"{rows} rows x {P}+{C} slots"),
+            MemoryLine("KV cache (loop copy)", cache_rows, "the while loop's second buffer"),
+            step,
+        ]
     prefill += _forward_temporaries(s, prompts_local * P, platform, False, chunk)
     out.append(FunctionEstimate("sampler_prefill", tuple(prefill), resident, note))
-    rows = prompts_local * G
-    decode = [
-        params,
-        MemoryLine("KV cache (donated)", cache_rows, f"{rows} rows x {P}+{C} slots"),
-        MemoryLine("KV cache (loop copy)", cache_rows, "the while loop's second buffer"),
-        MemoryLine(
-            "step temporaries",
-            rows * (6 * 4 * s.dims.v + 8 * C) + s.gathered_layer_bytes(2) + s.embedding_gather_bytes,
-            "fp32 logits and the draw's vocabulary-wide buffers, tokens/log-probs, two gathered "
-            "layers, the gathered embedding table",
-        ),
-    ]
     out.append(FunctionEstimate("sampler_decode", tuple(decode), resident, note))
     return out
 

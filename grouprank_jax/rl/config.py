@@ -23,6 +23,9 @@ class GRPOConfig:
     temperature: float = 1.0  # generation temperature [paper Table 10]
     max_prompt_len: int = 24_000  # [paper Table 10]
     max_response_len: int = 8_000  # [paper Table 10]
+    # One prompt KV for its G rollouts while sampling (sampler.py); False = each rollout row holds
+    # its own prompt copy (the oracle layout). Not a paper setting: memory/speed only, same tokens.
+    shared_prefix_sampling: bool = True
 
     # ---- optimisation -----------------------------------------------------------------
     learning_rate: float = 1e-5  # [paper Table 10]

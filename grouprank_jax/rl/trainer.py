@@ -103,6 +103,7 @@ def train_grpo(
         max_prompt_len=grpo.max_prompt_len,
         max_new_tokens=grpo.max_response_len,
         compiler_options={**cfg.xla_options, **tpu_reserved_hbm_options(mesh, resident)},
+        shared_prefix=grpo.shared_prefix_sampling,
     )
     chunk = cfg.model.loss_chunk_size
     updates: dict[int, Any] = {}  # by prompt bucket P: one compiled update / reference fn per shape

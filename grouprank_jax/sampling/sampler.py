@@ -3,11 +3,11 @@
 Flow of ``Sampler.generate``:
 1. prompts are left-padded into a ``[B, T]`` shape bucket (T: a power of two >= 64, capped at
    ``max_prompt_len``; B: a power of two that the mesh's batch axes divide; dummy rows fill it);
-2. prefill (jit): one forward over the prompts writes a dense ``[L, B, T + max_new, K, H]`` KV
-   cache and returns only the last position's logits; the cache and logits are then repeated
-   ``n`` times (one prefill serves all n rollouts of a prompt);
-3. decode (jit, cache donated): step 0 samples from the prefill logits, then a ``while_loop``
-   feeds the last token, samples, records token / log-prob, and exits once every row is done;
+2. prefill (jit): one forward over the prompts writes their KV (per layer ``[B, T, K, H]``) and
+   returns only the last position's logits, repeated ``n`` times (one prefill serves all n
+   rollouts of a prompt);
+3. decode (jit): step 0 samples from the prefill logits, then a ``while_loop`` feeds the last
+   token, samples, records token / log-prob, and exits once every row is done;
 4. on the host: dummy rows are dropped, stop strings are applied by truncation, text is decoded.
 
 Multi-process (one process per host): every process calls ``generate`` with its own prompts
@@ -16,6 +16,16 @@ concatenation of the processes' rows in process order (``make_array_from_process
 and each process gets back the rollouts of its own prompts. A rollout's random key depends on
 its global row (prompt index over all processes, sample index) and the step, not on the mesh or
 the process count, so 2 processes x 4 devices sample what 1 process x 8 devices samples.
+
+Two KV layouts for the n rollouts of a prompt (``shared_prefix``):
+- shared (default): the prompt KV is kept once per prompt (``PrefixKV``) and each of the B*n rows
+  writes only its own ``[max_new]``-slot suffix cache, built inside the decode program; a decode
+  step reads each prompt's KV once for its n rollouts (``attention.shared_prefix_decode_attention``).
+  Decode memory: one prompt copy + n suffixes; KV traffic per step: B*T + B*n*step slots.
+- per row (``shared_prefix=False``, the oracle): the prefill cache has T + max_new slots and is
+  repeated n times, so each row holds and reads its own copy of the prompt (donated to decode).
+Both give the same tokens (greedy: identical; sampled: identical streams, log-probs to float
+rounding; tested).
 
 Model parameters are passed to the jitted functions as an argument (``nnx.state(model)`` at each
 call), never closed over, so an optimizer step on the same model is picked up without recompiling.
@@ -35,7 +45,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from grouprank_jax.models.kv_cache import CACHE_AXES, KVCache
+from grouprank_jax.models.kv_cache import CACHE_AXES, VALID_AXES, KVCache, PrefixKV
 from grouprank_jax.parallel.distributed import agree_max, gather_rows, local_rows
 from grouprank_jax.parallel.mesh import named_sharding, shard, use_mesh
 from grouprank_jax.sampling import ops
@@ -103,6 +113,7 @@ class Sampler:
         stop_token_ids: Sequence[int] = DEFAULT_STOP_IDS,
         pad_token_id: int | None = None,
         compiler_options: dict | None = None,
+        shared_prefix: bool = True,
     ):
         self.model = model  # shared with the trainer: its parameter arrays are read at each call
         self.cfg = model.cfg
@@ -114,6 +125,7 @@ class Sampler:
         if self.buckets[-1] < self.max_prompt_len:
             raise ValueError(f"prompt_length_buckets {self.buckets} must reach max_prompt_len={self.max_prompt_len}")
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
+        self.shared_prefix = bool(shared_prefix)  # one prompt KV for its n rollouts (module docstring)
         self.pad_id = int(self.cfg.pad_token_id if pad_token_id is None else pad_token_id)
         self.batch_multiple = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if jax.process_count() > 1:
@@ -127,7 +139,7 @@ class Sampler:
         self._graphdef = nnx.graphdef(model)
         self._seen_shapes: set[tuple] = set()
         options = dict(compiler_options or {}) or None  # XLA options of the run (RunConfig.xla_options)
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("n", "slots"), compiler_options=options)
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("n", "max_new"), compiler_options=options)
         self._decode = jax.jit(
             self._decode_fn,
             static_argnames=("greedy", "top_k", "use_top_p", "max_new"),
@@ -136,26 +148,31 @@ class Sampler:
         )
 
     # ---- jitted pure functions of (params, ...) ------------------------------------------
-    def _prefill_fn(self, state, ids, mask, *, n: int, slots: int):
-        """ids, mask [B, T] -> (last logits [B*n, V] fp32, KVCache with B*n rows)."""
+    def _prefill_fn(self, state, ids, mask, *, n: int, max_new: int):
+        """ids, mask [B, T] -> (last logits [B*n, V] fp32, the prompts' KV): a ``PrefixKV`` of B
+        prompts x T slots (shared layout) or a ``KVCache`` of B*n rows x T + max_new slots (per row)."""
         with use_mesh(self.mesh):
             model = nnx.merge(self._graphdef, state)
-            cfg = self.cfg
-            b = ids.shape[0]
-            cache = KVCache.init(cfg.num_layers, b, slots, cfg.num_kv_heads, cfg.head_dim, dtype=jnp.dtype(cfg.dtype))
-            cache = self._shard_cache(cache)
+            b, t = ids.shape
+            slots = t if self.shared_prefix else t + max_new
+            cache = self._shard_cache(self._empty_cache(b, slots))
             hidden, cache = model(ids, attention_mask=mask, cache=cache, return_hidden=True)  # [B, T, D]
             # Left padding puts every prompt's last token at T-1; the LM head runs on that slice only.
             logits = model.logits_from_hidden(hidden[:, -1])  # [B, V]
-            cache = self._shard_cache(cache.repeat(n))
             logits = shard(jnp.repeat(logits, n, axis=0), ("batch", "act_vocab"))  # [B*n, V]
-            return logits, cache
+            if self.shared_prefix:
+                return logits, PrefixKV.from_cache(self._shard_cache(cache))
+            return logits, self._shard_cache(cache.repeat(n))
+
+    def _empty_cache(self, rows: int, slots: int) -> KVCache:
+        cfg = self.cfg
+        return KVCache.init(cfg.num_layers, rows, slots, cfg.num_kv_heads, cfg.head_dim, dtype=jnp.dtype(cfg.dtype))
 
     def _shard_cache(self, cache: KVCache) -> KVCache:
         return KVCache(
-            k=shard(cache.k, CACHE_AXES),
-            v=shard(cache.v, CACHE_AXES),
-            valid=shard(cache.valid, ("cache_batch", "cache_length")),
+            k=tuple(shard(x, CACHE_AXES) for x in cache.k),
+            v=tuple(shard(x, CACHE_AXES) for x in cache.v),
+            valid=shard(cache.valid, VALID_AXES),
             index=cache.index,
         )
 
@@ -163,6 +180,7 @@ class Sampler:
         self,
         state,
         cache,
+        prefix,
         logits0,
         prompt_lens,
         live,
@@ -179,10 +197,14 @@ class Sampler:
         max_new: int,
     ):
         """Sample ``max_new`` tokens at most for all rows; rows with ``live`` False start done.
-        ``row_ids`` [rows] (global row numbers) pick each row's random stream."""
+        ``row_ids`` [rows] (global row numbers) pick each row's random stream. Either ``cache``
+        (per-row layout, donated) or ``prefix`` (shared layout; the rows' suffix cache is made
+        here) is given."""
         with use_mesh(self.mesh):
             model = nnx.merge(self._graphdef, state)
             rows = logits0.shape[0]
+            if prefix is not None:
+                cache = self._shard_cache(self._empty_cache(rows, max_new))
             base_key = jax.random.key(seed)
 
             def record(step, logits, carry):
@@ -224,9 +246,10 @@ class Sampler:
 
             def body(loop):
                 step, cache, last, carry = loop
-                # The token sampled at step-1 sits at position prompt_len + step - 1 (cache slot T + step - 1).
-                positions = (prompt_lens + step - 1)[:, None]  # [B, 1]
-                logits, cache = model(last[:, None], positions=positions, cache=cache)  # [B, 1, V]
+                # The token sampled at step-1 sits at position prompt_len + step - 1 (cache slot
+                # T + step - 1 per row, or suffix slot step - 1 beside the shared prefix).
+                positions = (prompt_lens + step - 1)[:, None]  # [rows, 1]
+                logits, cache = model(last[:, None], positions=positions, cache=cache, prefix=prefix)  # [rows, 1, V]
                 last, carry = record(step, logits[:, 0], carry)
                 return step + 1, cache, last, carry
 
@@ -235,7 +258,8 @@ class Sampler:
             # Rows stay on the batch axes so each process can read back its own rows.
             tokens, logprobs = shard(tokens, ("batch", None)), shard(logprobs, ("batch", None))
             lengths, stopped = shard(lengths, ("batch",)), shard(stopped, ("batch",))
-            return tokens, logprobs, lengths, stopped, steps, cache
+            # The per-row cache goes back out so its donated buffers alias; a suffix cache is dropped.
+            return tokens, logprobs, lengths, stopped, steps, (None if prefix is not None else cache)
 
     # ---- host side ------------------------------------------------------------------------
     def _encode(self, prompts) -> list[list[int]]:
@@ -315,24 +339,26 @@ class Sampler:
             spec((b, t), jnp.int32, ("batch", "length")),
             spec((b, t), jnp.int32, ("batch", "length")),
             n=n,
-            slots=t + max_new,
+            max_new=max_new,
         )
-        logits0, cache = jax.eval_shape(
-            functools.partial(self._prefill_fn, n=n, slots=t + max_new),
+        logits0, kv = jax.eval_shape(
+            functools.partial(self._prefill_fn, n=n, max_new=max_new),
             state,
             spec((b, t), jnp.int32),
             spec((b, t), jnp.int32),
         )
         rows = b * n
-        cache_specs = KVCache(
-            k=spec(cache.k.shape, cache.k.dtype, CACHE_AXES),
-            v=spec(cache.v.shape, cache.v.dtype, CACHE_AXES),
-            valid=spec(cache.valid.shape, bool, ("cache_batch", "cache_length")),
-            index=spec((), jnp.int32, ()),
-        )
+        k = tuple(spec(x.shape, x.dtype, CACHE_AXES) for x in kv.k)
+        v = tuple(spec(x.shape, x.dtype, CACHE_AXES) for x in kv.v)
+        valid = spec(kv.valid.shape, bool, VALID_AXES)
+        if self.shared_prefix:
+            cache_spec, prefix_spec = None, PrefixKV(k=k, v=v, valid=valid)
+        else:
+            cache_spec, prefix_spec = KVCache(k=k, v=v, valid=valid, index=spec((), jnp.int32, ())), None
         decode = self._decode.lower(
             state,
-            cache_specs,
+            cache_spec,
+            prefix_spec,
             spec(logits0.shape, jnp.float32, ("batch", "act_vocab")),
             spec((rows,), jnp.int32, ("batch",)),
             spec((rows,), bool, ("batch",)),
@@ -400,14 +426,16 @@ class Sampler:
 
         state = nnx.state(self.model)
         t0 = time.perf_counter()
-        logits0, cache = self._prefill(
-            state, self._put(ids, ("batch", "length")), self._put(mask, ("batch", "length")), n=n, slots=t + max_new
+        logits0, kv = self._prefill(
+            state, self._put(ids, ("batch", "length")), self._put(mask, ("batch", "length")), n=n, max_new=max_new
         )
         jax.block_until_ready(logits0)
         t1 = time.perf_counter()
+        cache, prefix = (None, kv) if self.shared_prefix else (kv, None)
         tokens, logprobs, lengths, stopped, steps, _ = self._decode(
             state,
             cache,
+            prefix,
             logits0,
             self._put(np.repeat(lens, n), ("batch",)),
             self._put(live, ("batch",)),

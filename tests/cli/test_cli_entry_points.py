@@ -98,6 +98,16 @@ def test_bench_train_cli_writes_json(tmp_path, capsys):
     assert "tokens_per_s" in capsys.readouterr().out
 
 
+def test_bench_shared_prefix_cli_checks_identical_outputs(tmp_path, capsys):
+    out = tmp_path / "shared.json"
+    args = ["--prompts", "2", "--n", "3", "--prompt-len", "64", "--new-tokens", "4", "--layers", "1"]
+    assert main(["bench", "shared-prefix", *args, "--hidden", "64", "--out", str(out)]) == 0
+    results = {r["layout"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"shared", "separate", "per_row"}
+    assert results["separate"]["prompts"] == 6 and results["shared"]["prompts"] == 2
+    assert "outputs identical" in capsys.readouterr().out
+
+
 def test_export_hf_from_a_lora_grpo_run_dir(tmp_path):
     """A LoRA GRPO run directory exports with its adapters merged: transformers' model from the
     export equals our model with the adapters on (and differs from the base weights)."""

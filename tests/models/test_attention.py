@@ -7,7 +7,7 @@ import pytest
 
 from grouprank_jax.config import model_preset
 from grouprank_jax.models import create_model
-from grouprank_jax.models.attention import chunked_attention, reference_attention
+from grouprank_jax.models.attention import chunked_attention, reference_attention, shared_prefix_decode_attention
 
 
 def _inputs(rng, b, t, n, k, h, pad, packed):
@@ -36,6 +36,33 @@ def test_chunked_equals_reference(t, block, packed):
     got = chunked_attention(q, k, v, slot, kv_slot, valid, seg, seg, block_size=block)
     keep = np.asarray(valid)  # padded query rows are ignored downstream
     err = np.abs(np.asarray(ref) - np.asarray(got))[keep].max()
+    assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("rollouts", [1, 3])
+def test_shared_prefix_decode_equals_reference_over_each_rows_own_copy(rollouts):
+    """G rollouts reading one prompt KV + their own suffix = softmax over [prompt copy, suffix]."""
+    rng = np.random.default_rng(rollouts)
+    b, g, n, kv_heads, h, p, s = 2, rollouts, 8, 2, 16, 13, 6
+    r = b * g
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    q = normal(r, 1, n, h)
+    prefix_k, prefix_v = normal(b, p, kv_heads, h), normal(b, p, kv_heads, h)
+    suffix_k, suffix_v = normal(r, s, kv_heads, h), normal(r, s, kv_heads, h)
+    prefix_valid = np.ones((b, p), bool)
+    prefix_valid[1, :5] = False  # prompt 1 is left-padded
+    written = rng.integers(1, s + 1, size=r)  # rows have written different numbers of suffix slots
+    suffix_valid = np.arange(s)[None, :] < written[:, None]
+    got = shared_prefix_decode_attention(
+        q, prefix_k, prefix_v, jnp.asarray(prefix_valid), suffix_k, suffix_v, jnp.asarray(suffix_valid)
+    )
+    # Reference: every row holds its own copy of its prompt, followed by its suffix.
+    k = jnp.concatenate([jnp.repeat(prefix_k, g, axis=0), suffix_k], axis=1)
+    v = jnp.concatenate([jnp.repeat(prefix_v, g, axis=0), suffix_v], axis=1)
+    valid = jnp.concatenate([jnp.repeat(jnp.asarray(prefix_valid), g, axis=0), jnp.asarray(suffix_valid)], axis=1)
+    slots = jnp.arange(p + s, dtype=jnp.int32)
+    want = reference_attention(q, k, v, jnp.full((r, 1), p + s, jnp.int32), slots, valid)
+    err = float(jnp.abs(got - want).max())
     assert err <= 1e-5, err
 
 

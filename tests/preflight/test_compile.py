@@ -2,6 +2,7 @@
 (libtpu describes the slice, TPU XLA compiles and sizes the programs), and the planner held to
 TPU XLA's figures."""
 
+import functools
 import json
 
 import pytest
@@ -130,3 +131,38 @@ def test_planner_never_runs_more_than_10_percent_below_tpu_xla(case):
             f"{case} {fn.name}: plan {estimates[fn.name] / 2**30:.3f} GiB vs XLA {fn.xla_bytes / 2**30:.3f}"
         )
         assert ratio <= 3.0, f"{case} {fn.name}: plan/XLA = {ratio:.2f}"
+
+
+def test_shared_prefix_decode_holds_one_prompt_copy_on_tpu():
+    """TPU XLA's own figures for the GRPO sampler's decode program, G = 8 rollouts per prompt
+    (one prompt per chip): sharing, the program's arguments hold the prompt KV once instead of 8
+    rows x P + C slots, and its loop works on suffix-sized buffers (the while loop keeps two
+    copies of what it writes), so its temporaries shrink by at least twice the difference."""
+    from grouprank_jax.preflight import memory
+
+    figures = {}
+    for shared in (True, False):
+        run = run_config_from_dict(
+            {
+                "model": {"preset": "qwen2.5-0.5b", "num_layers": 2, "dtype": "bfloat16"},
+                "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+                "grpo": {
+                    "rollouts_per_prompt": 8,
+                    "global_batch_prompts": 4,
+                    "mini_batch_prompts": 4,
+                    "max_prompt_len": 4096,
+                    "max_response_len": 256,
+                    "shared_prefix_sampling": shared,
+                },
+            }
+        )
+        (fn,) = compile_run(run, parse_topology("v5p-8"), ("grpo",), only=("sampler_decode",)).functions
+        assert fn.ok, fn.error
+        figures[shared] = fn
+    shape = memory.ModelShape(run.model, {"data": 1, "fsdp": 4, "tensor": 1}, lora=False)
+    kv = functools.partial(memory.kv_cache_bytes, shape)
+    per_row_kv, prompt_kv, suffix_kv = kv(8, 4096 + 256), kv(1, 4096), kv(8, 256)
+    args_saved = figures[False].argument_bytes - figures[True].argument_bytes
+    assert abs(args_saved - (per_row_kv - prompt_kv)) <= 2**20, (args_saved, per_row_kv, prompt_kv)
+    temp_saved = figures[False].temp_bytes - figures[True].temp_bytes
+    assert temp_saved >= 2 * (per_row_kv - suffix_kv), (temp_saved, per_row_kv, suffix_kv)

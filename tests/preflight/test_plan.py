@@ -156,7 +156,7 @@ def test_kv_cache_estimate_matches_allocation():
     )
     mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))
     cache = KVCache.init(2, 16, 96, 2, 16, jnp.bfloat16, mesh=mesh)
-    per_device = 2 * cache.k.addressable_shards[0].data.nbytes
+    per_device = sum(2 * x.addressable_shards[0].data.nbytes for x in cache.k)
     shape = memory.ModelShape(cfg, {"data": 1, "fsdp": 4, "tensor": 2}, lora=False)
     assert memory.kv_cache_bytes(shape, 16 // 4, 96) == per_device
 

@@ -140,6 +140,35 @@ def test_mesh_matches_single_device(pair):
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
 
 
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_shared_prefix_equals_per_row_cache(pair, on_mesh):
+    """The shared-prefix layout (one prompt KV for n rollouts) against the per-row copies: identical
+    tokens and lengths, log-probs within 1e-5, greedy and sampled, n = 3 and n = 1, prompts of
+    different lengths (left padding), on one device and on a data x fsdp x tensor mesh."""
+    from grouprank_jax.config import MeshConfig
+    from grouprank_jax.models import shard_model
+    from grouprank_jax.parallel.mesh import make_mesh
+
+    _, model, _ = pair
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)) if on_mesh else None
+    if mesh is not None:
+        model = shard_model(model, mesh)
+    shared, per_row = (
+        Sampler(model, mesh=mesh, max_prompt_len=64, max_new_tokens=MAX_NEW, shared_prefix=flag)
+        for flag in (True, False)
+    )
+    _, _, prompts = _prompts()
+    for params in (
+        SamplingParams(temperature=0.0, n=3, max_new_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_p=0.9, n=3, seed=5, max_new_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=1.0, n=1, seed=6, max_new_tokens=12),
+    ):
+        got, want = shared.generate(prompts, params), per_row.generate(prompts, params)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_array_equal(got.lengths, want.lengths)
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
 def test_stop_ids_max_new_tokens_and_finished_rows(pair):
     _, _, sampler = pair
     _, _, prompts = _prompts()
