@@ -248,13 +248,15 @@ def latency_hiding_overlap(cfg: ModelConfig, platform: str, xla_options: dict | 
     28 layers it held ~4 more working sets than the sequential schedule (SFT at 2 x 32k tokens per
     chip: 106 GiB of temporaries with it, 34 GiB with ``xla_tpu_enable_latency_hiding_scheduler:
     false``; the GRPO update at 1 x 32k: 22 GiB vs a 13 GiB sequential estimate). Fewer layers
-    leave less to run ahead of, so the term scales with ``L / 16`` up to 4."""
+    leave less to run ahead of, so the term scales with ``L / 16`` up to 4; deeper models keep
+    more: ~``L / 6.4`` (the 32B GRPO update, 64 layers, held ~10 on v5p-256 with HBM to spare,
+    the 7B one ~4.4). ``_cap_overlap`` limits the term to the HBM the budget leaves."""
     if platform != "tpu":
         return 0.0
     flag = (xla_options or {}).get("xla_tpu_enable_latency_hiding_scheduler", True)
     if str(flag).lower() in ("false", "0"):
         return 0.0
-    return 4.0 * min(1.0, cfg.num_layers / 16)
+    return max(4.0 * min(1.0, cfg.num_layers / 16), cfg.num_layers / 6.4)
 
 
 def _train_temporaries(
@@ -359,7 +361,23 @@ def _hoisting(fixed: list[MemoryLine], temporaries, budget: float | None) -> lis
     hoisted = temporaries(None)
     if budget is None or sum(x.bytes for x in fixed + hoisted) <= budget:
         return hoisted
-    return temporaries(False)
+    return _cap_overlap(fixed, temporaries(False), budget)
+
+
+def _cap_overlap(fixed: list[MemoryLine], lines: list[MemoryLine], budget: float) -> list[MemoryLine]:
+    """The latency-hiding scheduler runs ahead with the HBM it has to spare: on a chip with room
+    it kept ~L/6.4 working sets (32B GRPO update on v5p-256), on a fuller one fewer (32B SFT).
+    So the overlap term is cut to what the budget leaves; when that cut binds, the estimate is
+    at the budget and says so (if compiling then fails, turn the scheduler off in xla_options)."""
+    excess = sum(x.bytes for x in fixed + lines) - budget
+    out = []
+    for line in lines:
+        if line.name == "latency-hiding overlap" and excess > 0:
+            kept = max(0.0, line.bytes - excess - 1.0)
+            note = "cut to the budget: XLA's scheduler overlaps with spare HBM; if compile fails, set "
+            line = MemoryLine(line.name, kept, note + "xla_options.xla_tpu_enable_latency_hiding_scheduler=false")
+        out.append(line)
+    return out
 
 
 def stage_functions(
