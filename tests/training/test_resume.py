@@ -246,3 +246,30 @@ def test_sigterm_to_the_cli_saves_exits_zero_and_resumes(tmp_path, stage):
     assert again.returncode == 0, again.stderr[-3000:]
     assert _metric_steps(run_dir) == list(range(1, saved + 3))  # resumed at saved + 1, not from step 1
     assert f"finished at step {saved + 2}" in again.stdout
+
+
+def test_ctrl_c_to_the_cli_saves_and_exits_130(tmp_path):
+    """SIGINT (Ctrl-C) to a real ``grouprank sft``: the step finishes, a checkpoint of exactly that
+    step is written, and the command exits 130 with one line and no traceback."""
+    from grouprank_jax.checkpoint import Checkpointer
+
+    config = _cli_config(tmp_path, "sft")
+    run_dir = tmp_path / "sft_run"
+    cmd = [sys.executable, "-m", "grouprank_jax.cli", "sft", "--config", str(config), "--no-progress"]
+    proc = subprocess.Popen(cmd + ["--max-steps", "10000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600  # hang guard
+    try:
+        while not ((run_dir / "metrics.jsonl").exists() and _metric_steps(run_dir)):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "no training step within 600 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "grouprank sft: interrupted" in err and "Traceback" not in err, err[-3000:]
+    logged = _metric_steps(run_dir)
+    with Checkpointer(run_dir / "checkpoints", async_save=False) as ckpt:
+        assert ckpt.latest_step() == logged[-1] < 10_000
