@@ -215,12 +215,9 @@ def _metric_steps(run_dir) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage", ["sft", "grpo"])
-def test_sigterm_to_the_cli_saves_exits_zero_and_resumes(tmp_path, stage):
-    """SIGTERM to a real ``grouprank sft|grpo`` process: it finishes the step, saves a checkpoint
-    of exactly that step, exits 0; running the command again continues from there."""
-    from grouprank_jax.checkpoint import Checkpointer
-
+def _signal_after_first_step(tmp_path, stage: str, sig) -> tuple[subprocess.Popen, str, list[str]]:
+    """Start a real ``grouprank <stage>``, send ``sig`` once a step is logged, wait for it to exit.
+    Returns (process, its stderr, the command line without ``--max-steps``)."""
     config = _cli_config(tmp_path, stage)
     run_dir = tmp_path / f"{stage}_run"
     cmd = [sys.executable, "-m", "grouprank_jax.cli", stage, "--config", str(config), "--no-progress"]
@@ -231,15 +228,30 @@ def test_sigterm_to_the_cli_saves_exits_zero_and_resumes(tmp_path, stage):
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.time() < deadline, "no training step within 600 s"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=300)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
+    return proc, err, cmd
+
+
+def _saved_step(run_dir):
+    from grouprank_jax.checkpoint import Checkpointer
+
+    with Checkpointer(run_dir / "checkpoints", async_save=False) as ckpt:
+        return ckpt.latest_step()
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_sigterm_to_the_cli_saves_exits_zero_and_resumes(tmp_path, stage):
+    """SIGTERM to a real ``grouprank sft|grpo`` process: it finishes the step, saves a checkpoint
+    of exactly that step, exits 0; running the command again continues from there."""
+    proc, err, cmd = _signal_after_first_step(tmp_path, stage, signal.SIGTERM)
+    run_dir = tmp_path / f"{stage}_run"
     assert proc.returncode == 0, err[-3000:]
     logged = _metric_steps(run_dir)
-    with Checkpointer(run_dir / "checkpoints", async_save=False) as ckpt:
-        saved = ckpt.latest_step()
+    saved = _saved_step(run_dir)
     assert saved == logged[-1] and logged == list(range(1, saved + 1)) and saved < 10_000
 
     again = subprocess.run(cmd + ["--max-steps", str(saved + 2)], capture_output=True, text=True, timeout=600)
@@ -251,25 +263,7 @@ def test_sigterm_to_the_cli_saves_exits_zero_and_resumes(tmp_path, stage):
 def test_ctrl_c_to_the_cli_saves_and_exits_130(tmp_path):
     """SIGINT (Ctrl-C) to a real ``grouprank sft``: the step finishes, a checkpoint of exactly that
     step is written, and the command exits 130 with one line and no traceback."""
-    from grouprank_jax.checkpoint import Checkpointer
-
-    config = _cli_config(tmp_path, "sft")
-    run_dir = tmp_path / "sft_run"
-    cmd = [sys.executable, "-m", "grouprank_jax.cli", "sft", "--config", str(config), "--no-progress"]
-    proc = subprocess.Popen(cmd + ["--max-steps", "10000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600  # hang guard
-    try:
-        while not ((run_dir / "metrics.jsonl").exists() and _metric_steps(run_dir)):
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.time() < deadline, "no training step within 600 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, err, _ = _signal_after_first_step(tmp_path, "sft", signal.SIGINT)
     assert proc.returncode == 130, err[-3000:]
     assert "grouprank sft: interrupted" in err and "Traceback" not in err, err[-3000:]
-    logged = _metric_steps(run_dir)
-    with Checkpointer(run_dir / "checkpoints", async_save=False) as ckpt:
-        assert ckpt.latest_step() == logged[-1] < 10_000
+    assert _saved_step(tmp_path / "sft_run") == _metric_steps(tmp_path / "sft_run")[-1] < 10_000
