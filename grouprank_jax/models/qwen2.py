@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from grouprank_jax.config import ModelConfig
 from grouprank_jax.models.attention import attend, shared_prefix_decode_attention
 from grouprank_jax.models.kv_cache import KVCache, PrefixKV
+from grouprank_jax.models.prefix_attention import shared_prefix_attention
 from grouprank_jax.models.projection import Projection, normal_param
 from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, Rules, shard, use_mesh
 
@@ -36,7 +37,9 @@ class AttentionInputs:
     kv_valid: jax.Array | None  # [B, S] bool: the key slot holds a real token; None = all valid
     segment_ids: jax.Array | None  # [B, T] int32 packing segments (0 = padding); None = unpacked
     cache_index: jax.Array | None = None  # [] int32: the slot a decode step writes; None = full sequence
-    prefix: PrefixKV | None = None  # a decode step's shared prompt KV (rows = prompts x rollouts)
+    # Shared prompt KV (rows = prompts x rollouts, prompt-major) that a decode step, or a whole
+    # response (the shared-prefix policy update), attends to besides its own keys.
+    prefix: PrefixKV | None = None
 
 
 class RMSNorm(nnx.Module):
@@ -101,7 +104,7 @@ class Attention(nnx.Module):
         )
         self.o_proj = _projection(cfg, rngs, "o_proj", "btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), 2)
 
-    def __call__(self, x, cos, sin, inputs: AttentionInputs, cache_kv, use_lora: bool):
+    def __call__(self, x, cos, sin, inputs: AttentionInputs, cache_kv, use_lora: bool, collect_kv: bool = False):
         cfg, dt = self.cfg, x.dtype
         q = shard(apply_rotary(self.q_proj(x, use_lora), cos, sin), ("batch", "length", "act_heads", "head_dim"))
         k = shard(apply_rotary(self.k_proj(x, use_lora), cos, sin), ("batch", "length", "act_kv_heads", "head_dim"))
@@ -113,7 +116,21 @@ class Attention(nnx.Module):
             splash_interpret=cfg.splash_interpret,
         )
         decode = inputs.cache_index is not None
-        if not decode:
+        if not decode and inputs.prefix is not None:
+            # A whole response over its prompt's shared KV plus its own causal keys.
+            prefix = inputs.prefix
+            out = shared_prefix_attention(
+                q,
+                k,
+                v,
+                prefix.k[self.layer_index].astype(dt),
+                prefix.v[self.layer_index].astype(dt),
+                prefix.valid,
+                inputs.kv_valid,
+                cfg.attention_block_size,
+                cfg.attention_block_size,
+            )
+        elif not decode:
             # Full-sequence attention (training, scoring, prefill).
             out = attend(
                 q,
@@ -156,6 +173,8 @@ class Attention(nnx.Module):
                     is_decode=True,
                     **kernel,
                 )
+        if collect_kv:
+            cache_kv = (k, v)  # a prompt's keys/values for the responses that share it (with gradient)
         return self.o_proj(out, use_lora), cache_kv
 
 
@@ -179,8 +198,8 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, inputs: AttentionInputs, cache_kv, use_lora: bool = True):
-        attn_out, cache_kv = self.attn(self.input_norm(x), cos, sin, inputs, cache_kv, use_lora)
+    def __call__(self, x, cos, sin, inputs: AttentionInputs, cache_kv, use_lora: bool = True, collect_kv: bool = False):
+        attn_out, cache_kv = self.attn(self.input_norm(x), cos, sin, inputs, cache_kv, use_lora, collect_kv)
         x = x + attn_out
         x = x + self.mlp(self.post_attn_norm(x), use_lora)
         return shard(x, ("batch", "length", "act_embed")), cache_kv
@@ -202,6 +221,11 @@ class Qwen2ForCausalLM(nnx.Module):
     cache then holds only each row's generated suffix), ``return_hidden`` (final normed hidden
     states instead of logits, for losses that apply the LM head blockwise), ``use_lora`` (False
     runs the base weights only, i.e. the reference policy of a LoRA run).
+
+    The shared-prefix policy update uses two more modes: ``collect_kv=True`` (a prompt forward:
+    also returns the ``PrefixKV`` of every layer, differentiable) and ``prefix`` without a cache
+    (a response forward: rows = prompts x rollouts, each response attends to its prompt's
+    ``prefix`` and causally to itself; ``positions`` must continue the prompt's).
 
     ``mesh`` is the mesh the parameters live on (``models.build`` places them); a call runs under
     ``use_mesh(mesh)`` so every activation constraint below refers to it.
@@ -242,13 +266,16 @@ class Qwen2ForCausalLM(nnx.Module):
         return_hidden: bool = False,
         use_lora: bool = True,
         prefix: PrefixKV | None = None,
+        collect_kv: bool = False,
     ):
         with use_mesh(self.mesh, self.rules):
             return self._forward(
-                input_ids, attention_mask, positions, segment_ids, cache, return_hidden, use_lora, prefix
+                input_ids, attention_mask, positions, segment_ids, cache, return_hidden, use_lora, prefix, collect_kv
             )
 
-    def _forward(self, input_ids, attention_mask, positions, segment_ids, cache, return_hidden, use_lora, prefix):
+    def _forward(
+        self, input_ids, attention_mask, positions, segment_ids, cache, return_hidden, use_lora, prefix, collect_kv
+    ):
         cfg = self.cfg
         input_ids = jnp.asarray(input_ids, jnp.int32)
         b, t = input_ids.shape
@@ -259,9 +286,17 @@ class Qwen2ForCausalLM(nnx.Module):
             seg_valid = segment_ids > 0
             attention_mask = seg_valid if attention_mask is None else attention_mask & seg_valid
 
-        if prefix is not None and (cache is None or t != 1):
-            raise ValueError("prefix= is for decode steps (one token per row, with a suffix cache)")
-        if cache is None or t > 1:
+        if prefix is not None and cache is not None and t != 1:
+            raise ValueError("prefix= with a cache is for decode steps (one token per row)")
+        if collect_kv and (cache is not None or prefix is not None):
+            raise ValueError("collect_kv= is for a prompt forward (no cache, no prefix)")
+        if prefix is not None and cache is None:
+            if positions is None or attention_mask is None:
+                raise ValueError("a response forward over a prefix needs its positions and mask [R, C]")
+            inputs = AttentionInputs(
+                jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), attention_mask, None, prefix=prefix
+            )
+        elif cache is None or t > 1:
             if positions is None:
                 if attention_mask is not None:
                     positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
@@ -296,16 +331,19 @@ class Qwen2ForCausalLM(nnx.Module):
                 layer_def, layer_state = nnx.split(layer)
 
                 def pure(state, x, cos, sin, inputs, layer_def=layer_def):
-                    return nnx.merge(layer_def, state)(x, cos, sin, inputs, None, use_lora)
+                    return nnx.merge(layer_def, state)(x, cos, sin, inputs, None, use_lora, collect_kv)
 
                 x, cache_kv = jax.checkpoint(pure, policy=_REMAT_POLICIES[cfg.remat])(layer_state, x, cos, sin, inputs)
             else:
-                x, cache_kv = layer(x, cos, sin, inputs, cache_kv, use_lora)
-                if cache is not None:
-                    new_k.append(cache_kv[0])
-                    new_v.append(cache_kv[1])
+                x, cache_kv = layer(x, cos, sin, inputs, cache_kv, use_lora, collect_kv)
+            if cache is not None or collect_kv:
+                new_k.append(cache_kv[0])
+                new_v.append(cache_kv[1])
         hidden = self.final_norm(x)
         out = hidden if return_hidden else shard(self.logits_from_hidden(hidden), ("batch", "length", "act_vocab"))
+        if collect_kv:
+            valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask
+            return out, PrefixKV(k=tuple(new_k), v=tuple(new_v), valid=valid)
         if cache is None:
             return out
         if t > 1:

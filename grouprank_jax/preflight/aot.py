@@ -56,10 +56,17 @@ CONFIG_KEYS = {
         "grpo.mini_batch_prompts",
         "grpo.max_prompt_len",
         "grpo.max_response_len",
+        "grpo.shared_prefix",
         "model.remat",
         "mesh",
     ),
-    "grpo_ref_logprobs": ("grpo.micro_batch_rows", "grpo.max_prompt_len", "grpo.max_response_len", "mesh"),
+    "grpo_ref_logprobs": (
+        "grpo.micro_batch_rows",
+        "grpo.max_prompt_len",
+        "grpo.max_response_len",
+        "grpo.shared_prefix",
+        "mesh",
+    ),
     "sampler_prefill": ("grpo.global_batch_prompts", "grpo.max_prompt_len", "mesh"),
     "sampler_decode": (
         "grpo.global_batch_prompts",
@@ -226,6 +233,9 @@ def grpo_jobs(run, mesh: Mesh) -> list[CompileJob]:
 
     mini_rows = grpo.mini_batch_prompts * G
     micro = grpo.micro_batch_rows or mini_rows
+    rollouts = G if grpo.shared_prefix else None
+    # the shared-prefix update runs each prompt once and G responses over its KV
+    per_pass = f"{micro // G} prompts x {P} + {micro} rows x {C} tokens" if rollouts else f"{micro} rows"
     update = make_grpo_update(
         state.graphdef,
         tx,
@@ -234,12 +244,13 @@ def grpo_jobs(run, mesh: Mesh) -> list[CompileJob]:
         chunk,
         micro_rows=grpo.micro_batch_rows,
         compiler_options=run.xla_options,
+        rollouts=rollouts,
     )
     batch = rows_batch(mini_rows, bool(grpo.kl_coef))
     out.append(
         CompileJob(
             "grpo_update",
-            f"{mini_rows} rows x {P}+{C} tokens, {micro} rows per pass",
+            f"{mini_rows} rows x {P}+{C} tokens, {per_pass} per pass",
             lambda: update.lower(state.trainable, state.frozen, state.opt_state, batch),
             ref_bytes,
             run.xla_options,
@@ -248,7 +259,13 @@ def grpo_jobs(run, mesh: Mesh) -> list[CompileJob]:
     if grpo.kl_coef:
         all_rows = grpo.global_batch_prompts * G
         ref_fn = make_logprob_fn(
-            state.graphdef, P, chunk, use_lora=False, micro_rows=grpo.micro_batch_rows, compiler_options=run.xla_options
+            state.graphdef,
+            P,
+            chunk,
+            use_lora=False,
+            micro_rows=grpo.micro_batch_rows,
+            compiler_options=run.xla_options,
+            rollouts=rollouts,
         )
         ids = rows_batch(all_rows, False)
         # LoRA: the reference is the adapters switched off; full: the frozen copy (same shapes).
@@ -256,7 +273,7 @@ def grpo_jobs(run, mesh: Mesh) -> list[CompileJob]:
         out.append(
             CompileJob(
                 "grpo_ref_logprobs",
-                f"{all_rows} rows x {P}+{C} tokens, {micro} rows per pass",
+                f"{all_rows} rows x {P}+{C} tokens, {per_pass} per pass",
                 lambda: ref_fn.lower(state.trainable, state.frozen, ids["seq_ids"], ids["seq_mask"]),
                 resident,
                 run.xla_options,

@@ -30,6 +30,16 @@ def training_flops(cfg: ModelConfig, batch: int, seq: int, lora: bool = False) -
     return factor * matmul_params(cfg) * batch * seq + attention
 
 
+def shared_prefix_training_flops(cfg: ModelConfig, prompts: int, rollouts: int, prompt: int, response: int, lora=False):
+    """FLOPs of the shared-prefix GRPO update (``rl/step.py``): each prompt's forward/backward
+    once (causal P x P attention) and its G responses (attention over the prompt and causally
+    over themselves): ``P + G*C`` tokens per prompt instead of ``G*(P + C)``."""
+    factor = 4 if lora else 6
+    tokens = prompts * (prompt + rollouts * response)
+    pairs = prompts * (prompt * prompt / 2 + rollouts * (response * prompt + response * response / 2))
+    return factor * matmul_params(cfg) * tokens + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs
+
+
 def forward_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
     """FLOPs of one forward (prefill) over ``batch`` rows of ``seq`` tokens."""
     return (

@@ -421,13 +421,23 @@ def stage_functions(
     rows_local = _div(mini_rows, shards)
     batch = MemoryLine("rollout rows", rows_local * ((P + C) * 8 + C * 16 + 4), "ids, masks, log-probs, advantages")
     fixed = [params, opt, batch]
-    update = fixed + _hoisting(
-        fixed,
-        lambda hoist: _train_temporaries(
+    if g.shared_prefix:
+        # One prompt forward per prompt of the pass (its per-layer KV kept, with gradient, for
+        # the G responses) + G responses of C tokens: P + G*C tokens per prompt, not G*(P + C).
+        prompts_pass = max(1, _div(micro // G, shards))
+        pass_tokens = prompts_pass * P + micro_local * C
+        prompt_kv = MemoryLine(
+            "prompt KV (shared)", kv_cache_bytes(s, prompts_pass, P), f"{prompts_pass} prompts x {P}, all layers"
+        )
+        fixed = [params, opt, batch, prompt_kv]
+        temporaries = lambda hoist: _train_temporaries(
+            s, 1, pass_tokens, micro < mini_rows, micro_local * C, chunk, platform, run.xla_options, hoist
+        )
+    else:
+        temporaries = lambda hoist: _train_temporaries(
             s, micro_local, P + C, micro < mini_rows, C, chunk, platform, run.xla_options, hoist
-        ),
-        budget,
-    )
+        )
+    update = fixed + _hoisting(fixed, temporaries, budget)
     out = [FunctionEstimate("grpo_update", tuple(update), ref_copy, "frozen KL reference" if ref_copy else "")]
     all_rows = _div(g.global_batch_prompts * G, shards)
     if g.kl_coef:
@@ -435,7 +445,10 @@ def stage_functions(
             params,
             MemoryLine("rollout ids", all_rows * (P + C) * 8 + all_rows * C * 4, "ids, mask in; log-probs out"),
         ]
-        ref += _forward_temporaries(s, micro_local * (P + C), platform, True, chunk)
+        ref_tokens = pass_tokens if g.shared_prefix else micro_local * (P + C)
+        if g.shared_prefix:
+            ref.append(prompt_kv)
+        ref += _forward_temporaries(s, ref_tokens, platform, True, chunk)
         out.append(FunctionEstimate("grpo_ref_logprobs", tuple(ref), s.opt_bytes + ref_copy, "optimizer state"))
     prompts_local = _div(g.global_batch_prompts, shards)
     resident, note = s.opt_bytes + ref_copy, "optimizer state" + (" + KL reference" if ref_copy else "")

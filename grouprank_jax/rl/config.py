@@ -26,6 +26,10 @@ class GRPOConfig:
     # One prompt KV for its G rollouts while sampling (sampler.py); False = each rollout row holds
     # its own prompt copy (the oracle layout). Not a paper setting: memory/speed only, same tokens.
     shared_prefix_sampling: bool = True
+    # One forward of each prompt per update, its G responses attending to that KV (rl/step.py);
+    # False = every rollout runs its whole prompt + response (the oracle layout). Not a paper
+    # setting: the same loss and gradient with P + G*C instead of G*(P + C) tokens of compute.
+    shared_prefix: bool = True
 
     # ---- optimisation -----------------------------------------------------------------
     learning_rate: float = 1e-5  # [paper Table 10]
@@ -103,6 +107,11 @@ class GRPOConfig:
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             # verl asserts clip_ratio_c > 1: the bound -A*c must lie beyond the PPO clip.
             raise ValueError(f"dual_clip={self.dual_clip} must be > 1")
+        if self.shared_prefix and self.micro_batch_rows and self.micro_batch_rows % self.rollouts_per_prompt:
+            raise ValueError(
+                f"micro_batch_rows={self.micro_batch_rows} must hold whole prompts with shared_prefix "
+                f"(a multiple of rollouts_per_prompt={self.rollouts_per_prompt}), or set shared_prefix: false"
+            )
         if not 1 <= self.group_size_min <= self.group_size_max:
             raise ValueError("need 1 <= group_size_min <= group_size_max")
 

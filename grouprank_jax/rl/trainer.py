@@ -151,6 +151,7 @@ def train_grpo(
                     use_lora=False,
                     micro_rows=grpo.micro_batch_rows,
                     compiler_options=cfg.xla_options,
+                    rollouts=G if grpo.shared_prefix else None,
                 )
             ref_weights = state.trainable if lora else ref_trainable
             device_rows["ref_logp"] = ref_fns[P](
@@ -165,6 +166,7 @@ def train_grpo(
                 chunk,
                 micro_rows=grpo.micro_batch_rows,
                 compiler_options=cfg.xla_options,
+                rollouts=G if grpo.shared_prefix else None,
             )
         state, update_metrics = _run_updates(updates[P], state, device_rows, grpo, G)
         train_tokens = global_sum(float(rows["seq_mask"].sum()) * grpo.updates_per_rollout_batch)

@@ -7,7 +7,14 @@ import pytest
 
 from grouprank_jax.config import model_preset
 from grouprank_jax.models import create_model
-from grouprank_jax.models.attention import chunked_attention, reference_attention, shared_prefix_decode_attention
+from grouprank_jax.models.attention import (
+    MASK_VALUE,
+    chunked_attention,
+    reference_attention,
+    shared_prefix_decode_attention,
+)
+from grouprank_jax.models.flash import attention_with_lse
+from grouprank_jax.models.prefix_attention import shared_prefix_attention
 
 
 def _inputs(rng, b, t, n, k, h, pad, packed):
@@ -64,6 +71,81 @@ def test_shared_prefix_decode_equals_reference_over_each_rows_own_copy(rollouts)
     want = reference_attention(q, k, v, jnp.full((r, 1), p + s, jnp.int32), slots, valid)
     err = float(jnp.abs(got - want).max())
     assert err <= 1e-5, err
+
+
+def _reference_with_lse(q, k, v, q_slot, kv_slot, kv_valid):
+    """Full-matrix softmax attention and its log-sum-exp (the oracle of ``attention_with_lse``)."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    scores = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv_heads, n // kv_heads, h), k) * h**-0.5
+    visible = (kv_slot[None, None, :] <= q_slot[:, :, None]) & kv_valid[:, None, :]
+    scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)
+    lse = jax.nn.logsumexp(scores, axis=-1)  # [B, K, Gq, T]
+    out = jnp.einsum("bkgts,bskh->btkgh", jnp.exp(scores - lse[..., None]), v).reshape(b, t, n, h)
+    return out, lse.transpose(0, 3, 1, 2).reshape(b, t, n)
+
+
+@pytest.mark.parametrize("t,s,q_block,kv_block", [(37, 29, 8, 5), (16, 40, 16, 64)])
+def test_attention_with_lse_values_and_gradients_equal_full_softmax(t, s, q_block, kv_block):
+    """Output, LSE and the custom backward (q, k, v gradients through both outputs) against
+    autodiff of the full-matrix softmax; blocks that do not divide T or S are padded."""
+    rng = np.random.default_rng(t)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    q, k, v = normal(2, t, 4, 8), normal(2, s, 2, 8), normal(2, s, 2, 8)
+    q_slot = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) + max(s - t, 0), (2, t))  # causal, offset
+    kv_valid = jnp.asarray(rng.random((2, s)) > 0.3).at[:, 0].set(True)  # every query sees a key
+    w_out, w_lse = normal(2, t, 4, 8), normal(2, t, 4)
+    kv_slot = jnp.arange(s, dtype=jnp.int32)
+
+    def loss(fn):
+        def total(q, k, v):
+            out, lse = fn(q, k, v)
+            return jnp.sum(out * w_out) + jnp.sum(lse * w_lse)
+
+        return total
+
+    flash = lambda q, k, v: attention_with_lse(q, k, v, q_slot, kv_slot, kv_valid, q_block, kv_block)
+    full = lambda q, k, v: _reference_with_lse(q, k, v, q_slot, kv_slot, kv_valid)
+    for got, want in zip(flash(q, k, v), full(q, k, v)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    grads = jax.jit(jax.grad(loss(flash), argnums=(0, 1, 2)))(q, k, v)
+    for got, want in zip(grads, jax.grad(loss(full), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_shared_prefix_attention_equals_softmax_over_each_rows_prompt_copy():
+    """Whole responses of G rollouts over one prompt KV (+ causal self) = softmax attention of
+    each row over its own [prompt copy, response], values and gradients (the prompt's gradient
+    is the sum over its rollouts)."""
+    rng = np.random.default_rng(7)
+    b, g, n, kv_heads, h, p, c = 2, 3, 4, 2, 8, 11, 6
+    r = b * g
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    q, k, v = normal(r, c, n, h), normal(r, c, kv_heads, h), normal(r, c, kv_heads, h)
+    pk, pv = normal(b, p, kv_heads, h), normal(b, p, kv_heads, h)
+    prefix_valid = jnp.asarray(np.arange(p)[None, :] >= np.array([[0], [4]]))  # prompt 1 left-padded
+    lengths = rng.integers(1, c + 1, size=r)
+    lengths[-1] = 0  # an empty response: its rows see the prompt only
+    suffix_valid = jnp.asarray(np.arange(c)[None, :] < lengths[:, None])
+    w = normal(r, c, n, h)
+
+    def shared(q, k, v, pk, pv):
+        return shared_prefix_attention(q, k, v, pk, pv, prefix_valid, suffix_valid, 4, 4)
+
+    def copies(q, k, v, pk, pv):
+        keys = jnp.concatenate([jnp.repeat(pk, g, axis=0), k], axis=1)
+        values = jnp.concatenate([jnp.repeat(pv, g, axis=0), v], axis=1)
+        valid = jnp.concatenate([jnp.repeat(prefix_valid, g, axis=0), suffix_valid], axis=1)
+        q_slot = jnp.broadcast_to(p + jnp.arange(c, dtype=jnp.int32), (r, c))
+        return reference_attention(q, keys, values, q_slot, jnp.arange(p + c, dtype=jnp.int32), valid)
+
+    args = (q, k, v, pk, pv)
+    np.testing.assert_allclose(shared(*args), copies(*args), atol=1e-5)
+    loss = lambda fn: lambda *a: jnp.sum(fn(*a) * w)
+    for got, want in zip(
+        jax.grad(loss(shared), argnums=range(5))(*args), jax.grad(loss(copies), argnums=range(5))(*args)
+    ):
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def _forward_temp_bytes(impl, t):

@@ -167,7 +167,13 @@ def test_plan_reads_grpo_micro_batch_rows_in_trainer_units():
     base = {
         "model": {"preset": "qwen2.5-0.5b", "dtype": "bfloat16", "remat": "full"},
         "mesh": {"fsdp": -1, "tensor": 1},
-        "grpo": {"global_batch_prompts": 8, "mini_batch_prompts": 8, "max_prompt_len": 2048, "max_response_len": 1024},
+        "grpo": {
+            "global_batch_prompts": 8,
+            "mini_batch_prompts": 8,
+            "max_prompt_len": 2048,
+            "max_response_len": 1024,
+            "shared_prefix": False,
+        },
     }
     topology = pl.parse_topology("v5p-64")  # 32 batch shards
     one_pass = pl.plan(run_config_from_dict(base), topology, stages=("grpo",))
@@ -176,6 +182,17 @@ def test_plan_reads_grpo_micro_batch_rows_in_trainer_units():
     update = lambda r: next(f for f in r.stages[0].functions if f.name == "grpo_update")
     act = lambda r: next(x.bytes for x in update(r).lines if x.name == "activations")
     assert act(one_pass) == pytest.approx(2 * act(per_row), rel=1e-6)  # 64 rows = 2 per shard vs 1
+    # Shared prefix, one pass: 8 prompts over 32 shards, so a chip runs one 2048-token prompt and
+    # its share of the responses (2 x 1024), 4096 tokens where per-rollout runs 2 x 3072.
+    del base["grpo"]["micro_batch_rows"]
+    base["grpo"]["shared_prefix"] = True
+    shared = pl.plan(run_config_from_dict(base), topology, stages=("grpo",))
+    assert act(shared) == pytest.approx(act(one_pass) * 4096 / 6144, rel=1e-6)
+    assert any(x.name == "prompt KV (shared)" for x in update(shared).lines)
+    base["grpo"]["micro_batch_rows"] = 12  # not whole prompts of G = 8
+    with pytest.raises(ValueError, match="whole prompts"):
+        run_config_from_dict(base)
+    base["grpo"]["shared_prefix"] = False
     base["grpo"]["micro_batch_rows"] = 48
     bad = pl.plan(run_config_from_dict(base), topology, stages=("grpo",))
     assert any("micro_batch_rows=48 does not divide" in v for v in bad.violations)
