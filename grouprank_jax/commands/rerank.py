@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from grouprank_jax.data.formats import read_collection, read_qrels, read_rank_llm, read_run, write_run
+from grouprank_jax.data.formats import read_qrels, write_run
 from grouprank_jax.eval import evaluate
 from grouprank_jax.task.prompts import load_template, render_prompt
-from grouprank_jax.task.rerank import Candidate, RerankConfig, rerank
+from grouprank_jax.task.rerank import RerankConfig, load_candidates, rerank
 from grouprank_jax.task.scoring import ScoringCounters, sampler_score_fn
 from grouprank_jax.tokenizer import load_tokenizer
 from grouprank_jax.weights.loading import load_model
@@ -51,42 +50,6 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=666, help="shuffling and sampling seed (official: 666)")
     parser.add_argument("--qrels", help="if given, print trec_eval metrics of the input and the reranked run")
     parser.set_defaults(func=run)
-
-
-def load_candidates(data: str, run_path: str | None):
-    """(queries {qid: text}, candidates {qid: [Candidate]}) from the supported input layouts."""
-
-    path = Path(data)
-    if path.is_file():
-        entries = read_rank_llm(path)
-        queries = {e.qid: e.query for e in entries}
-        texts = {(e.qid, str(h["docid"])): h["content"] for e in entries for h in e.hits}
-        if run_path is None:
-            candidates = {
-                e.qid: [Candidate(str(h["docid"]), h["content"], float(h.get("score", 0.0))) for h in e.hits]
-                for e in entries
-            }
-            return queries, candidates
-        lookup = lambda qid, docid: texts.get((qid, docid))
-    elif path.is_dir():
-        if run_path is None:
-            raise ValueError(f"{path} is a dataset directory: pass the first-stage run with --run")
-        corpus, queries = read_collection(path)
-        lookup = lambda qid, docid: corpus.get(docid)
-    else:
-        raise ValueError(f"--data {data}: no such file or directory")
-    candidates = {}
-    for qid, docs in read_run(run_path).items():
-        if qid not in queries:
-            log.warning("query %s of %s has no text in %s; skipped", qid, run_path, data)
-            continue
-        missing = [d for d in docs if lookup(qid, d) is None]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} documents of query {qid} in {run_path} have no text in {data}, e.g. {missing[:3]}"
-            )
-        candidates[qid] = [Candidate(d, lookup(qid, d), s) for d, s in docs.items()]
-    return queries, candidates
 
 
 def _model_score_fn(args, tokenizer, counters: dict):

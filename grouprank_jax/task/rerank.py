@@ -20,13 +20,18 @@ batched together, ``batch_size`` per call, so the model sees full batches.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
+from grouprank_jax.data.formats import read_collection, read_rank_llm, read_run
 from grouprank_jax.task.parsing import MAX_SCORE, parse_group_output
+
+log = logging.getLogger(__name__)
 
 ScoreFn = Callable[[list[str]], list[str]]
 PromptFn = Callable[[str, list[str]], str]  # (query, document texts) -> prompt string
@@ -148,3 +153,39 @@ def rerank(
         seconds=time.perf_counter() - start,
     )
     return run, summary
+
+
+def load_candidates(data: str, run_path: str | None):
+    """(queries {qid: text}, candidates {qid: [Candidate]}) from the supported input layouts."""
+
+    path = Path(data)
+    if path.is_file():
+        entries = read_rank_llm(path)
+        queries = {e.qid: e.query for e in entries}
+        texts = {(e.qid, str(h["docid"])): h["content"] for e in entries for h in e.hits}
+        if run_path is None:
+            candidates = {
+                e.qid: [Candidate(str(h["docid"]), h["content"], float(h.get("score", 0.0))) for h in e.hits]
+                for e in entries
+            }
+            return queries, candidates
+        lookup = lambda qid, docid: texts.get((qid, docid))
+    elif path.is_dir():
+        if run_path is None:
+            raise ValueError(f"{path} is a dataset directory: pass the first-stage run with --run")
+        corpus, queries = read_collection(path)
+        lookup = lambda qid, docid: corpus.get(docid)
+    else:
+        raise ValueError(f"--data {data}: no such file or directory")
+    candidates = {}
+    for qid, docs in read_run(run_path).items():
+        if qid not in queries:
+            log.warning("query %s of %s has no text in %s; skipped", qid, run_path, data)
+            continue
+        missing = [d for d in docs if lookup(qid, d) is None]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} documents of query {qid} in {run_path} have no text in {data}, e.g. {missing[:3]}"
+            )
+        candidates[qid] = [Candidate(d, lookup(qid, d), s) for d, s in docs.items()]
+    return queries, candidates

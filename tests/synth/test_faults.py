@@ -1,0 +1,125 @@
+"""Faults: the HTTP teacher answers 500 and garbage for a fraction of calls, and the synth process
+is killed (SIGKILL) mid-run and restarted. The final outputs equal an uninterrupted run's, and no
+request answered before the kill is answered again after the restart, except those in flight."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from grouprank_jax.cli import main
+
+from synth_helpers import dl19, read_manifest, subset, teacher_args  # noqa: F401 (dl19: a fixture)
+from teacher_server import TeacherServer
+
+REPO = Path(__file__).resolve().parents[2]
+CONCURRENCY = 4
+OUTPUTS = ("sft.jsonl", "rl.jsonl", "audit.jsonl")
+
+
+def _cache_keys(out: Path) -> list[str]:
+    path = out / "cache" / "teachers.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["key"] for line in path.read_bytes().splitlines(keepends=True) if line.endswith(b"\n")]
+
+
+def test_500s_garbage_and_kill_9_then_restart_equal_an_uninterrupted_run(tmp_path, dl19):  # noqa: F811 (the fixture)
+    data = subset(dl19, tmp_path / "dl19_6q.json", 6)
+    options = ["--pool-top", "6", "--pool-random", "10", "--concurrency", str(CONCURRENCY), "--max-retries", "4"]
+    server = TeacherServer(
+        dl19["queries"], dl19["texts"], dl19["qrels"], error_rate=0.2, garbage_rate=0.2, delay=0.02, seed=1
+    )
+    with server:
+        args = lambda out: ["synth", "--data", str(data), "--out", str(out), *teacher_args(server.url), *options]
+        reference = tmp_path / "straight"
+        assert main(args(reference)) == 0
+        straight = read_manifest(reference)
+        assert server.errors > 0 and server.garbage > 0  # the faults really happened
+        assert straight["totals"]["http_retries"] > 0 and straight["totals"]["format_retries"] > 0
+
+        out = tmp_path / "killed"
+        env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="")
+        cmd = [sys.executable, "-m", "grouprank_jax.cli", *args(out)]
+        start_log = len(server.log)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.time() + 300  # a hang guard, not a speed claim
+            while len(_cache_keys(out)) < 30:
+                assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+                assert time.time() < deadline, "the synth process made no progress"
+                time.sleep(0.01)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        time.sleep(0.5)  # let requests the dead client left in flight finish on the server
+        before = {key for _, key in server.log[start_log:]}
+        cached = set(_cache_keys(out))
+        assert not (out / "manifest.json").exists() and len(cached) < straight["totals"]["calls"]  # killed mid-run
+
+        restart_log = len(server.log)
+        assert main(args(out)) == 0
+        after = [key for _, key in server.log[restart_log:]]
+
+    assert not cached & set(after)  # nothing the cache holds was asked again
+    in_flight = before - cached  # answered by the server, never received by the killed client
+    assert set(after) & before <= in_flight and len(in_flight) <= CONCURRENCY
+    assert len(after) == len(set(after))  # no request twice within the restarted run either
+    resumed = read_manifest(out)
+    assert resumed["totals"]["cached"] == len(cached)
+    for name in OUTPUTS:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_api_key_from_the_environment_and_a_refusing_teacher_is_one_line(tmp_path, dl19, monkeypatch, capsys):  # noqa: F811
+    data = subset(dl19, tmp_path / "dl19_1q.json", 1)
+    secret = "sk-test-do-not-log-1234"
+    with TeacherServer(dl19["queries"], dl19["texts"], dl19["qrels"], api_key=secret) as server:
+        args = ["synth", "--data", str(data), *teacher_args(server.url), "--pool-top", "3", "--pool-random", "2"]
+        args += ["--api-key-env", "SYNTH_TEST_KEY"]
+        monkeypatch.delenv("SYNTH_TEST_KEY", raising=False)
+        assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err
+        (line,) = [x for x in err.splitlines() if x.startswith("grouprank synth: error:")]
+        assert "HTTP 401" in line and server.url in line
+        monkeypatch.setenv("SYNTH_TEST_KEY", secret)
+        assert main([*args, "--out", str(tmp_path / "ok")]) == 0
+        assert len(server.log) == 5 + 1
+    written = "".join(p.read_text() for p in (tmp_path / "ok").rglob("*") if p.is_file())
+    assert secret not in written and secret not in capsys.readouterr().err
+    assert main(["synth", "--data", str(data), "--out", str(tmp_path / "x"), "--pointwise-model", "m"]) == 2
+    assert "give the listwise teacher" in capsys.readouterr().err
+
+
+def test_sliding_window_beyond_the_listwise_window_is_rank_llms(tmp_path, dl19):  # noqa: F811
+    """Pools larger than --listwise-window go through windows of 20, stride 10, bottom-up, over the
+    pointwise order; with a teacher that sorts each window by a fixed key, the result is exactly
+    the windows applied one after the other."""
+    from grouprank_jax.synth.stages import sliding_windows
+
+    from teacher_server import _gauss
+
+    data = subset(dl19, tmp_path / "dl19_2q.json", 2)
+    out = tmp_path / "windows"
+    with TeacherServer(dl19["queries"], dl19["texts"], dl19["qrels"], defect_rate=0.0) as server:
+        args = ["synth", "--data", str(data), "--out", str(out), *teacher_args(server.url)]
+        assert main([*args, "--pool-top", "10", "--pool-random", "25", "--listwise-window", "30"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["counts"]["listwise"]["items"] == 2 * 3  # 35 documents: windows 15-35, 5-25, 0-15
+    assert sliding_windows(35, 20, 10) == [(15, 35), (5, 25), (0, 15)]
+    for line in (out / "audit.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        key = {
+            d: server.grade(row["qid"], d) + server.listwise_noise * _gauss(row["qid"], d, "listwise")
+            for d in row["pool"]
+        }
+        first = {d: r for r, d in enumerate(row["pool"])}
+        order = sorted(row["pool"], key=lambda d: (-(row["pointwise"][d]), first[d]))  # the pointwise order
+        for start, end in sliding_windows(len(order), 20, 10):
+            order[start:end] = sorted(order[start:end], key=lambda d: -key[d])
+        assert row["listwise"] == order
