@@ -28,7 +28,10 @@ GROUPS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
     ("start here", (("demo", "grouprank_jax.commands.demo", "grouprank demo"),)),
     (
         "data",
-        (("retrieve", "grouprank_jax.commands.retrieve", "grouprank retrieve --data beir/scifact --out bm25.run"),),
+        (
+            ("retrieve", "grouprank_jax.commands.retrieve", "grouprank retrieve --data beir/scifact --out bm25.run"),
+            ("synth", "grouprank_jax.commands.synth", "grouprank synth --data ... --out ... --pointwise-url ..."),
+        ),
     ),
     (
         "train",
@@ -54,6 +57,7 @@ GROUPS: tuple[tuple[str, tuple[tuple[str, str, str], ...]], ...] = (
             ),
         ),
     ),
+    ("serve", (("serve", "grouprank_jax.commands.serve", "grouprank serve --model export/grpo_7b --port 8000"),)),
     (
         "convert",
         (

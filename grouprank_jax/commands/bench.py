@@ -1,4 +1,4 @@
-"""``grouprank bench sampling|train|rerank|device-suite|shared-prefix [args...]``: throughput benchmarks.
+"""``grouprank bench NAME [args...]``: throughput benchmarks (NAME: one of ``MODULES`` below).
 
 Each prints a table and writes JSON (``--out``); ``grouprank bench <name> --help`` lists its
 arguments. ``sampling`` and ``train`` also run as several processes (e.g.
@@ -18,13 +18,15 @@ MODULES = {
     "rerank": "grouprank_jax.bench.rerank",
     "device-suite": "grouprank_jax.bench.device_suite",
     "shared-prefix": "grouprank_jax.bench.shared_prefix",
+    "grpo-update": "grouprank_jax.bench.grpo_update",
+    "serve": "grouprank_jax.bench.serve",
 }
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="throughput benchmarks (sampling, train, rerank, device-suite, shared-prefix)",
+        help="throughput benchmarks (sampling, train, rerank, device-suite, shared-prefix, grpo-update, serve)",
         description=__doc__,
         epilog="example: grouprank bench sampling --preset tiny --batch 1,8 --compare hf",
     )
