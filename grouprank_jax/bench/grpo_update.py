@@ -30,8 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from grouprank_jax.config import model_preset
-from grouprank_jax.models import create_model
+from grouprank_jax.bench.shapes import add_shape_args, model_from_shape_args
 from grouprank_jax.preflight.flops import shared_prefix_training_flops, training_flops
 from grouprank_jax.rl.config import GRPOConfig
 from grouprank_jax.rl.losses import loss_kwargs
@@ -45,10 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollouts", type=int, default=8, help="G rollouts per prompt")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--response-len", type=int, default=64)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4, help="query heads (head_dim 64)")
-    p.add_argument("--kv-heads", type=int, default=2)
+    add_shape_args(p, layers=4, kv_heads=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compare-trl", type=int, default=0, metavar="STEPS", help="also time TRL's GRPOTrainer")
     p.add_argument("--out", help="write the results as JSON here")
@@ -68,23 +64,8 @@ def rollout_batch(rng, prompts: int, rollouts: int, prompt_len: int, response_le
     }
 
 
-def bench_model(args: argparse.Namespace):
-    return create_model(
-        model_preset(
-            "tiny",
-            num_layers=args.layers,
-            hidden_size=args.hidden,
-            num_heads=args.heads,
-            num_kv_heads=args.kv_heads,
-            head_dim=64,
-            intermediate_size=4 * args.hidden,
-        ),
-        seed=0,
-    )
-
-
 def run_bench(args: argparse.Namespace) -> list[dict]:
-    model = bench_model(args)
+    model = model_from_shape_args(args)
     cfg = model.cfg
     G, P, C = args.rollouts, args.prompt_len, args.response_len
     rows = rollout_batch(np.random.default_rng(0), args.prompts, G, P, C, cfg.vocab_size)
@@ -151,7 +132,7 @@ def compare_trl(args: argparse.Namespace) -> list[dict]:
     from grouprank_jax.tokenizer import load_tokenizer
     from grouprank_jax.weights.hf_io import save_hf
 
-    model, tokenizer = bench_model(args), load_tokenizer()
+    model, tokenizer = model_from_shape_args(args), load_tokenizer()
     G, C, steps = args.rollouts, args.response_len, args.compare_trl
     prompt = " ".join(["relevance"] * args.prompt_len)  # one token per word in Qwen2's vocabulary
     P_max = len(tokenizer.encode(prompt)) + 8
@@ -195,7 +176,7 @@ def compare_trl(args: argparse.Namespace) -> list[dict]:
             self.times.append(time.perf_counter() - self._start)
 
     with tempfile.TemporaryDirectory() as tmp:
-        save_hf(bench_model(args), f"{tmp}/model", tokenizer=tokenizer)  # ours were donated: same seed
+        save_hf(model_from_shape_args(args), f"{tmp}/model", tokenizer=tokenizer)  # ours were donated: same seed
         hf_model = AutoModelForCausalLM.from_pretrained(f"{tmp}/model", dtype=torch.float32)
         config = TRLConfig(
             output_dir=f"{tmp}/trl",

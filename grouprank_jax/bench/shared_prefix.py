@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grouprank_jax.config import model_preset
-from grouprank_jax.models import create_model
+from grouprank_jax.bench.shapes import add_shape_args, model_from_shape_args
 from grouprank_jax.sampling import Sampler, SamplingParams
 
 
@@ -36,10 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="rollouts per prompt")
     p.add_argument("--prompt-len", type=int, default=2048)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4, help="query heads (head_dim 64)")
-    p.add_argument("--kv-heads", type=int, default=4)
+    add_shape_args(p, layers=8, kv_heads=4)
     p.add_argument("--out", help="write the results as JSON here")
     return p
 
@@ -56,16 +52,8 @@ def _decode_memory(sampler: Sampler, prompts: int, prompt_len: int, params: Samp
 
 
 def run_bench(args: argparse.Namespace) -> list[dict]:
-    cfg = model_preset(
-        "tiny",
-        num_layers=args.layers,
-        hidden_size=args.hidden,
-        num_heads=args.heads,
-        num_kv_heads=args.kv_heads,
-        head_dim=64,
-        intermediate_size=4 * args.hidden,
-    )
-    model = create_model(cfg, seed=0)
+    model = model_from_shape_args(args)
+    cfg = model.cfg
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.prompts)]
     rows = args.prompts * args.n
