@@ -72,6 +72,60 @@ def test_two_level_draw_large_vocab():
     assert (np.abs(counts - DRAWS * p) <= bound).all()
 
 
+def _sorted_nucleus(logits, top_p):
+    """``[B, V]`` bool: the top-p set by the textbook rule, numpy float64: sort by probability (ties by
+    lower token id), keep a token while the mass ranked strictly before it is < top_p."""
+    keep = np.zeros(logits.shape, bool)
+    for row, x in enumerate(np.asarray(logits, np.float64)):
+        p = np.exp(x - x.max())
+        p /= p.sum()
+        order = np.lexsort((np.arange(p.size), -p))
+        before = np.cumsum(p[order]) - p[order]
+        keep[row, order[before < top_p]] = True
+    return keep
+
+
+def test_sort_free_nucleus_equals_the_sorted_rule():
+    """``nucleus_keep`` (bisection on the threshold, no sort) keeps exactly the sorted rule's set,
+    including probabilities tied at the boundary (rounded logits, all-equal rows)."""
+    rng = np.random.default_rng(0)
+    keep = jax.jit(ops.nucleus_keep)
+    for case in range(24):
+        vocab = int(rng.integers(5, 3000))
+        logits = rng.normal(size=(4, vocab)) * rng.uniform(0.1, 5.0)
+        if case % 3 == 0:
+            logits = np.round(logits)  # many exact ties
+        if case % 4 == 0:
+            logits[1] = 0.0  # a row of equal probabilities: the cut falls inside the tie
+        logits = logits.astype(np.float32)
+        top_p = float(rng.uniform(0.05, 1.0))
+        got = np.asarray(keep(jnp.asarray(logits), top_p))
+        np.testing.assert_array_equal(got, _sorted_nucleus(logits, top_p), err_msg=f"case {case}, top_p {top_p}")
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.8])
+def test_nucleus_draw_window_and_full_search_frequencies(top_p):
+    """At top_p 0.8 half the rows have their nucleus inside a 3-token window (drawn from the sorted
+    window) and half (a flatter temperature) need the full-vocabulary search; at 0.5 every row's
+    nucleus fits the window. Each half matches the reference
+    frequencies, and a row's token is the same when it is drawn alone. The vocabulary is shuffled
+    so that token order and probability order differ."""
+    shuffle = np.asarray([3, 1, 6, 0, 7, 2, 5, 4])  # token t has the probability of LOGITS[shuffle[t]]
+    logits = np.stack([LOGITS[shuffle] * (3.0 if r % 2 else 1.0) for r in range(DRAWS)]).astype(np.float32)
+    keys = jax.random.split(jax.random.key(99), DRAWS)
+    draw = jax.jit(ops.nucleus_draw, static_argnames=("window",))
+    tokens = np.asarray(draw(jnp.asarray(logits), keys, top_p, window=3))
+    for parity, temperature in ((0, 1.0), (1, 1.0 / 3.0)):
+        want = _expected(temperature, 0, top_p)[shuffle]
+        counts = np.bincount(tokens[parity::2], minlength=LOGITS.size)
+        n = DRAWS // 2
+        assert (counts[want == 0] == 0).all(), f"filtered-out tokens drawn: {counts} vs support {want > 0}"
+        bound = 5 * np.sqrt(n * want * (1 - want)) + 1
+        assert (np.abs(counts - n * want) <= bound).all(), f"counts {counts} vs expected {n * want}"
+    alone = [int(draw(jnp.asarray(logits[r : r + 1]), keys[r : r + 1], top_p, window=3)[0]) for r in range(20)]
+    np.testing.assert_array_equal(alone, tokens[:20])
+
+
 def test_greedy_and_logprobs_and_stop_sequences():
     logits = jnp.asarray([LOGITS, LOGITS[::-1]], jnp.float32)  # [2, V]
     keys = jax.random.split(jax.random.key(0), 2)
@@ -82,6 +136,30 @@ def test_greedy_and_logprobs_and_stop_sequences():
     seqs = jnp.asarray([[-1, 6, 7], [9, 9, 5]])  # "6 7" and "9 9 5"
     np.testing.assert_array_equal(ops.match_stop_sequences(recent, seqs), [True, True, False])
     assert not ops.match_stop_sequences(recent, jnp.zeros((0, 0), jnp.int32)).any()
+
+
+def test_first_argmax_and_token_logprobs_match_the_textbook_ops():
+    """The decode step's argmax (max + masked min) and log-prob (logit - logsumexp) equal
+    ``jnp.argmax`` and ``log_softmax`` + take, including exact ties (first index wins), NaNs (the
+    first NaN, as ``jnp.argmax``) and the last index."""
+    x = np.random.default_rng(0).normal(size=(6, 1000)).astype(np.float32) * 4
+    x[1, [10, 500]] = 99.0
+    x[2, [7, 3]] = np.nan
+    x[3, :] = -np.inf
+    x[4, -1] = 50.0
+    x[5, ::2] = 30.0
+    want = np.asarray([int(jnp.argmax(jnp.asarray(row))) for row in x])
+    got = np.asarray(jax.jit(ops.first_argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(want[[1, 2, 4, 5]], [10, 3, 999, 0])
+    finite = jnp.asarray(x[[0, 1, 4, 5]])
+    tokens = jnp.asarray([5, 10, 999, 1])
+    np.testing.assert_allclose(
+        ops.token_logprobs(finite, tokens),
+        jnp.take_along_axis(jax.nn.log_softmax(finite, axis=-1), tokens[:, None], axis=-1)[:, 0],
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_prompt_buckets():
