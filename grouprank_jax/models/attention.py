@@ -137,8 +137,9 @@ def shared_prefix_decode_attention(q, prefix_k, prefix_v, prefix_valid, suffix_k
     """One decode step of G rollouts per prompt over a shared prompt KV plus their own suffixes.
 
     q [R, 1, N, H] with R = B * G rows, prompt-major (row b*G + j is rollout j of prompt b);
-    prefix_k/v [B, P, K, H], prefix_valid [B, P]; suffix_k/v [R, S, K, H], suffix_valid [R, S]
-    (a suffix slot is valid once written, so it carries causality too). Returns [R, 1, N, H].
+    prefix_k/v [B, K, P, H], prefix_valid [B, P]; suffix_k/v [R, K, S, H], suffix_valid [R, S]
+    (a suffix slot is valid once written, so it carries causality too): the caches' heads-first
+    layout, which each einsum reads in place. Returns [R, 1, N, H].
 
     The prefix part folds the G rollouts into the query-group axis (as GQA folds query heads),
     so each prompt's KV is read once per step for all of its rollouts instead of once per row;
@@ -147,25 +148,25 @@ def shared_prefix_decode_attention(q, prefix_k, prefix_v, prefix_valid, suffix_k
     the concatenation [prefix, suffix] of each row (tested against ``reference_attention``).
     """
     r, t, n, h = q.shape
-    b, kv_heads = prefix_k.shape[0], prefix_k.shape[2]
+    b, kv_heads = prefix_k.shape[0], prefix_k.shape[1]
     g, gq = r // b, n // kv_heads
     if r != b * g or t != 1:
         raise ValueError(f"shared-prefix decode needs [B*G, 1, N, H] queries for {b} prompts; got {q.shape}")
     scale = h**-0.5
     # Prefix part: [B, K, G, Gq, P] scores, one read of the prompt's KV for all G rollouts.
     q_prefix = q.reshape(b, g, kv_heads, gq, h)
-    scores = jnp.einsum("bgkqh,bpkh->bkgqp", q_prefix, prefix_k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bgkqh,bkph->bkgqp", q_prefix, prefix_k, preferred_element_type=jnp.float32) * scale
     probs, lse_prefix = _partial_softmax(scores, prefix_valid[:, None, None, None, :])
     probs = probs.astype(prefix_v.dtype)
-    out_prefix = jnp.einsum("bkgqp,bpkh->bgkqh", probs, prefix_v, preferred_element_type=jnp.float32)
+    out_prefix = jnp.einsum("bkgqp,bkph->bgkqh", probs, prefix_v, preferred_element_type=jnp.float32)
     out_prefix = out_prefix.reshape(r, kv_heads, gq, h)
     lse_prefix = lse_prefix.transpose(0, 2, 1, 3).reshape(r, kv_heads, gq)  # [B,K,G,Gq] -> [R,K,Gq]
     # Suffix part: each row over its own generated tokens.
     q_suffix = q.reshape(r, kv_heads, gq, h)
-    scores = jnp.einsum("rkqh,rskh->rkqs", q_suffix, suffix_k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("rkqh,rksh->rkqs", q_suffix, suffix_k, preferred_element_type=jnp.float32) * scale
     probs, lse_suffix = _partial_softmax(scores, suffix_valid[:, None, None, :])
     probs = probs.astype(suffix_v.dtype)
-    out_suffix = jnp.einsum("rkqs,rskh->rkqh", probs, suffix_v, preferred_element_type=jnp.float32)
+    out_suffix = jnp.einsum("rkqs,rksh->rkqh", probs, suffix_v, preferred_element_type=jnp.float32)
     # Merge by log-sum-exp.
     m = jnp.maximum(lse_prefix, lse_suffix)
     a, c = jnp.exp(lse_prefix - m)[..., None], jnp.exp(lse_suffix - m)[..., None]

@@ -1,10 +1,13 @@
 """The dense, preallocated KV caches the sampler drives.
 
-``KVCache`` holds one ``[batch, slots, kv_heads, head_dim]`` array per layer (a tuple, not one
+``KVCache`` holds one ``[batch, kv_heads, slots, head_dim]`` array per layer (a tuple, not one
 stacked ``[layers, ...]`` array): inside the decode ``while_loop`` a layer then reads its own
 buffer, whereas slicing a layer out of a stacked cache made XLA copy that layer's whole cache
 every step (seen on CPU as one ``slice`` fusion per layer per step). The cache is donated to the
-jitted decode loop and updated in place.
+jitted decode loop and updated in place. Heads before slots: a decode step's attention is then a
+batched matmul over (batch, kv_head) that reads each head's ``[slots, head_dim]`` slab where it
+lies; with slots before heads XLA copied the layer's whole cache into that order every step
+(CPU, 16 rows x 2,048 slots x 4 heads of 64: 34 ms per layer vs 5 ms).
 
 Protocol (what ``Qwen2ForCausalLM.__call__`` does with a cache):
 - a call with T > 1 tokens is a *prefill*: it must start at ``index == 0``; it writes slots
@@ -15,7 +18,7 @@ Protocol (what ``Qwen2ForCausalLM.__call__`` does with a cache):
   over that row's shared prompt (``attention.shared_prefix_decode_attention``);
 - both return the cache with ``index`` advanced by T.
 
-``PrefixKV`` is a prefilled prompt cache that G rollouts share: ``[prompts, P, K, H]`` per layer,
+``PrefixKV`` is a prefilled prompt cache that G rollouts share: ``[prompts, K, P, H]`` per layer,
 read-only during decode, while each rollout row writes only its own suffix ``KVCache``.
 """
 
@@ -28,15 +31,15 @@ import jax.numpy as jnp
 
 from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, named_sharding
 
-CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "head_dim")  # one layer's K or V
+CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "head_dim")  # one layer's K or V
 VALID_AXES = ("cache_batch", "cache_length")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [batch, slots, kv_heads, head_dim]
-    v: tuple[jax.Array, ...]  # per layer [batch, slots, kv_heads, head_dim]
+    k: tuple[jax.Array, ...]  # per layer [batch, kv_heads, slots, head_dim]
+    v: tuple[jax.Array, ...]  # per layer [batch, kv_heads, slots, head_dim]
     valid: jax.Array  # [batch, slots] bool: the slot holds a real (non-padding) token
     index: jax.Array  # [] int32: the next slot to write
 
@@ -46,7 +49,7 @@ class KVCache:
 
     @property
     def num_slots(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
     @property
     def batch_size(self) -> int:
@@ -54,7 +57,7 @@ class KVCache:
 
     @classmethod
     def init(cls, num_layers, batch, slots, kv_heads, head_dim, dtype=jnp.float32, mesh=None, rules=LOGICAL_AXIS_RULES):
-        shape = (batch, slots, kv_heads, head_dim)
+        shape = (batch, kv_heads, slots, head_dim)
         valid = jnp.zeros((batch, slots), bool)
 
         def put(x, names):
@@ -87,8 +90,8 @@ class KVCache:
 class PrefixKV:
     """A prompt's keys/values, stored once and read by all of its rollouts."""
 
-    k: tuple[jax.Array, ...]  # per layer [prompts, prompt_slots, kv_heads, head_dim]
-    v: tuple[jax.Array, ...]  # per layer [prompts, prompt_slots, kv_heads, head_dim]
+    k: tuple[jax.Array, ...]  # per layer [prompts, kv_heads, prompt_slots, head_dim]
+    v: tuple[jax.Array, ...]  # per layer [prompts, kv_heads, prompt_slots, head_dim]
     valid: jax.Array  # [prompts, prompt_slots] bool (left padding is False)
 
     @classmethod

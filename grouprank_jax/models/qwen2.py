@@ -123,8 +123,8 @@ class Attention(nnx.Module):
                 q,
                 k,
                 v,
-                prefix.k[self.layer_index].astype(dt),
-                prefix.v[self.layer_index].astype(dt),
+                prefix.k[self.layer_index].swapaxes(1, 2).astype(dt),  # [B, K, P, H] -> [B, P, K, H]
+                prefix.v[self.layer_index].swapaxes(1, 2).astype(dt),
                 prefix.valid,
                 inputs.kv_valid,
                 cfg.attention_block_size,
@@ -145,10 +145,10 @@ class Attention(nnx.Module):
             )
         if cache_kv is not None:
             # In-place write of this layer's new keys/values into its donated buffers.
-            layer_k, layer_v = cache_kv  # [B, slots, K, H] each
-            at = (0, inputs.cache_index if decode else 0, 0, 0)
-            layer_k = jax.lax.dynamic_update_slice(layer_k, k.astype(layer_k.dtype), at)
-            layer_v = jax.lax.dynamic_update_slice(layer_v, v.astype(layer_v.dtype), at)
+            layer_k, layer_v = cache_kv  # [B, K, slots, H] each
+            at = (0, 0, inputs.cache_index if decode else 0, 0)
+            layer_k = jax.lax.dynamic_update_slice(layer_k, k.swapaxes(1, 2).astype(layer_k.dtype), at)
+            layer_v = jax.lax.dynamic_update_slice(layer_v, v.swapaxes(1, 2).astype(layer_v.dtype), at)
             cache_kv = (layer_k, layer_v)
             if decode and inputs.prefix is not None:
                 prefix = inputs.prefix
@@ -162,11 +162,12 @@ class Attention(nnx.Module):
                     inputs.kv_valid,
                 )
             elif decode:
-                slots = jnp.arange(layer_k.shape[1], dtype=jnp.int32)
+                # The per-row oracle layout goes through the generic kernel, slots before heads.
+                slots = jnp.arange(layer_k.shape[2], dtype=jnp.int32)
                 out = attend(
                     q,
-                    layer_k.astype(dt),
-                    layer_v.astype(dt),
+                    layer_k.swapaxes(1, 2).astype(dt),
+                    layer_v.swapaxes(1, 2).astype(dt),
                     inputs.q_slot,
                     slots,
                     inputs.kv_valid,
@@ -174,7 +175,9 @@ class Attention(nnx.Module):
                     **kernel,
                 )
         if collect_kv:
-            cache_kv = (k, v)  # a prompt's keys/values for the responses that share it (with gradient)
+            # A prompt's keys/values for the responses that share it (with gradient), [B, K, T, H]
+            # as in a PrefixKV.
+            cache_kv = (k.swapaxes(1, 2), v.swapaxes(1, 2))
         return self.o_proj(out, use_lora), cache_kv
 
 

@@ -60,8 +60,15 @@ def test_shared_prefix_decode_equals_reference_over_each_rows_own_copy(rollouts)
     prefix_valid[1, :5] = False  # prompt 1 is left-padded
     written = rng.integers(1, s + 1, size=r)  # rows have written different numbers of suffix slots
     suffix_valid = np.arange(s)[None, :] < written[:, None]
+    heads_first = lambda x: x.swapaxes(1, 2)  # the caches' [rows, K, slots, H] layout
     got = shared_prefix_decode_attention(
-        q, prefix_k, prefix_v, jnp.asarray(prefix_valid), suffix_k, suffix_v, jnp.asarray(suffix_valid)
+        q,
+        heads_first(prefix_k),
+        heads_first(prefix_v),
+        jnp.asarray(prefix_valid),
+        heads_first(suffix_k),
+        heads_first(suffix_v),
+        jnp.asarray(suffix_valid),
     )
     # Reference: every row holds its own copy of its prompt, followed by its suffix.
     k = jnp.concatenate([jnp.repeat(prefix_k, g, axis=0), suffix_k], axis=1)
