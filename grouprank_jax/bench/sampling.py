@@ -6,7 +6,8 @@ Greedy by default (``--temperature 0``), or sampled at ``--temperature`` (GRPO's
 1.0); stops disabled (``ignore_eos``) so every row decodes exactly ``--new-tokens``.
 ``--compare hf`` exports the same weights with ``save_hf``, loads them into transformers'
 ``Qwen2ForCausalLM`` and times ``generate(min_new_tokens=max_new_tokens)`` on the same prompts
-(``do_sample=True, temperature, top_k=0, top_p=1.0`` when sampling: the same distribution).
+(``do_sample=True, temperature, top_k=0, top_p`` when sampling: the same distribution;
+``--top-p 0.8`` is the paper's inference setting, where HF sorts the vocabulary every step).
 The bandwidth column is (weight bytes + KV bytes read per step) / step time / the measured
 device copy bandwidth: how close decode is to the memory-bound roofline.
 Multi-process (``launch/local_multiprocess.sh``, a pod): ``--batch`` counts global prompts, each
@@ -42,10 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny", help="model preset (grouprank_jax.config.MODEL_PRESETS)")
     p.add_argument("--batch", default="1,8,32", help="comma-separated prompt batch sizes")
+    p.add_argument("--layers", type=int, help="override the preset's layer count")
+    p.add_argument("--hidden", type=int, help="override the preset's width (heads of 64, MLP 4x the width)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--n", type=int, default=1, help="rollouts per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; GRPO samples at 1.0")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass when sampling (1.0 = off)")
     p.add_argument("--dtype", default="float32", help="param and compute dtype (float32 | bfloat16)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs after the warm-up (best is kept)")
     p.add_argument("--compare", choices=["hf"], help="also time transformers' generate on the same weights")
@@ -73,17 +77,25 @@ def copy_bandwidth(megabytes: int = 256) -> float:
 
 
 def _hf_generate(
-    model_dir: Path, prompts: np.ndarray, new_tokens: int, n: int, repeats: int, temperature: float = 0.0
+    model_dir: Path,
+    prompts: np.ndarray,
+    new_tokens: int,
+    n: int,
+    repeats: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> float:
-    """Best wall seconds of HF generate (greedy, or sampled at ``temperature`` from the full
-    distribution) over [B, T] unpadded prompts (n copies each)."""
+    """Best wall seconds of HF generate (greedy, or sampled at ``temperature`` and ``top_p``)
+    over [B, T] unpadded prompts (n copies each)."""
     import torch
     from transformers import Qwen2ForCausalLM
 
     hf = Qwen2ForCausalLM.from_pretrained(str(model_dir)).eval()
     ids = torch.as_tensor(np.repeat(prompts, n, axis=0), dtype=torch.long)
     sampling = (
-        dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p)
+        if temperature > 0
+        else dict(do_sample=False)
     )
     kwargs = dict(
         **sampling,
@@ -109,12 +121,19 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     mesh = None if mesh_arg is None else make_mesh(MeshConfig(*(int(x) for x in mesh_arg.split(","))))
     if processes > 1 and args.compare:
         raise ValueError("--compare hf runs in a single process only")
-    cfg = model_preset(args.preset, param_dtype=args.dtype, dtype=args.dtype)
+    shape = {}
+    if args.layers:
+        shape["num_layers"] = args.layers
+    if args.hidden:
+        heads = max(1, args.hidden // 64)
+        shape.update(hidden_size=args.hidden, num_heads=heads, num_kv_heads=heads, head_dim=args.hidden // heads)
+        shape["intermediate_size"] = 4 * args.hidden
+    cfg = model_preset(args.preset, param_dtype=args.dtype, dtype=args.dtype, **shape)
     model = create_model(cfg, seed=0, mesh=mesh)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     bandwidth = copy_bandwidth(256 if jax.default_backend() != "cpu" else 64)
     sampler = Sampler(model, mesh=mesh, max_prompt_len=args.prompt_len, max_new_tokens=args.new_tokens)
-    params = SamplingParams(temperature=args.temperature, n=args.n, ignore_eos=True)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, n=args.n, ignore_eos=True)
     hf_dir = None
     if args.compare == "hf":
         hf_dir = Path(tempfile.mkdtemp(prefix="bench_hf_"))
@@ -151,10 +170,13 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         )
         row = {
             "preset": args.preset,
+            "layers": cfg.num_layers,
+            "hidden": cfg.hidden_size,
             "dtype": args.dtype,
             "batch": batch,
             "n": args.n,
             "temperature": args.temperature,
+            "top_p": args.top_p,
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
             "backend": jax.default_backend(),
@@ -170,7 +192,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
             row["bandwidth_fraction"] = (weight_bytes + kv_bytes) / step_s / bandwidth
         assert generated == rows_decoded * args.new_tokens, (generated, rows_decoded * args.new_tokens)
         if hf_dir is not None:
-            hf_s = _hf_generate(hf_dir, prompts, args.new_tokens, args.n, args.repeats, args.temperature)
+            hf_s = _hf_generate(hf_dir, prompts, args.new_tokens, args.n, args.repeats, args.temperature, args.top_p)
             row["hf_e2e_tok_s"] = rows_decoded * args.new_tokens / hf_s
             row["ratio_vs_hf"] = row["e2e_tok_s"] / row["hf_e2e_tok_s"]
         rows.append(row)
@@ -204,7 +226,8 @@ def _print_table(rows: list[dict], bandwidth: float) -> None:
     cols = [c for c in cols if any(c in r for r in rows)]
     print(
         f"copy bandwidth {bandwidth / 1e9:.1f} GB/s ({rows[0]['backend']}, {rows[0]['preset']}, {rows[0]['dtype']}, "
-        f"prompt {rows[0]['prompt_len']}, new {rows[0]['new_tokens']}, temperature {rows[0]['temperature']})"
+        f"prompt {rows[0]['prompt_len']}, new {rows[0]['new_tokens']}, "
+        f"temperature {rows[0]['temperature']}, top_p {rows[0]['top_p']})"
     )
     print(" | ".join(f"{c:>18}" for c in cols))
     for r in rows:

@@ -32,8 +32,8 @@ def nucleus_keep(scaled, top_p):
     probabilities by lower token id; keep a token when the mass ranked strictly before it is
     < top_p). The threshold probability p* is the smallest probability whose strictly-larger mass is
     < top_p; it is found by bisection on the int32 bit pattern of non-negative fp32 values (monotone
-    in the value), 31 masked sums over the vocabulary. Of the tokens equal to p*, the first ones in
-    token order are kept while the running mass stays < top_p.
+    in the value), one masked sum over the vocabulary per halving (at most 31). Of the tokens equal
+    to p*, the first ones in token order are kept while the running mass stays < top_p.
     """
     probs = jax.nn.softmax(scaled, axis=-1)  # [B, V]
     bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # [B, V]
@@ -42,15 +42,17 @@ def nucleus_keep(scaled, top_p):
     def mass_above(threshold):  # [B] bit patterns -> [B] mass of the tokens strictly above
         return jnp.sum(jnp.where(bits > threshold[:, None], probs, 0.0), axis=-1)
 
-    def halve(_, bounds):  # invariant: mass_above(hi) < top_p <= mass_above(lo), or lo = -1
+    def halve(bounds):  # invariant: mass_above(hi) < top_p <= mass_above(lo), or lo < every probability
         lo, hi = bounds
         mid = lo + (hi - lo) // 2
         below = mass_above(mid) < top_p
         return jnp.where(below, lo, mid), jnp.where(below, mid, hi)
 
-    lo = jnp.full(bits.shape[:1], -1, jnp.int32)
-    hi = jnp.max(bits, axis=-1)  # nothing lies above the largest probability: mass 0 < top_p
-    _, threshold = jax.lax.fori_loop(0, 31, halve, (lo, hi))  # hi - lo <= 2**30 + 1 at the start
+    # The answer lies in (min - 1, max]: nothing lies above the largest probability (mass 0 < top_p).
+    # A flat distribution spans few binades, so the search needs fewer halvings (~23 within one).
+    lo = jnp.min(bits, axis=-1) - 1
+    hi = jnp.max(bits, axis=-1)
+    _, threshold = jax.lax.while_loop(lambda b: jnp.any(b[1] - b[0] > 1), halve, (lo, hi))
     above = bits > threshold[:, None]
     ties = bits == threshold[:, None]
     base = mass_above(threshold)[:, None]

@@ -99,6 +99,10 @@ def test_sort_free_nucleus_equals_the_sorted_rule():
             logits[1] = 0.0  # a row of equal probabilities: the cut falls inside the tie
         logits = logits.astype(np.float32)
         top_p = float(rng.uniform(0.05, 1.0))
+        if case % 6 == 5:  # a flat distribution cut below its rarest token: every token is kept
+            logits = (logits * 0.1).astype(np.float32)
+            p = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+            top_p = float(1.0 - 0.5 * (p / p.sum(-1, keepdims=True)).min())
         got = np.asarray(keep(jnp.asarray(logits), top_p))
         np.testing.assert_array_equal(got, _sorted_nucleus(logits, top_p), err_msg=f"case {case}, top_p {top_p}")
 
