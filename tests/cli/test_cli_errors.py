@@ -82,6 +82,21 @@ def _mistakes(tmp_path):
             "mesh",
         ),
         "bench": (("bench", "train", "--preset", "qwen9-1b"), "unknown model preset 'qwen9-1b'"),
+        "synth": (
+            (
+                "synth",
+                "--data",
+                tmp_path / "nowhere.json",
+                "--out",
+                tmp_path / "synth",
+                "--pointwise-url",
+                "http://127.0.0.1:9",
+                "--pointwise-model",
+                "teacher",
+            ),
+            "nowhere.json",
+        ),
+        "serve": (("serve", "--model", empty, "--port", "0"), "--port must be >= 1"),
     }
 
 
@@ -99,6 +114,8 @@ COMMANDS = [
     "plan",
     "compile",
     "bench",
+    "synth",
+    "serve",
 ]
 
 
