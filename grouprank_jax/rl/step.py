@@ -114,7 +114,7 @@ def completion_logprobs(
         prompt_ids, prompt_mask = first_rollout(seq_ids), first_rollout(seq_mask)
         prompt_hidden, prefix = model(
             prompt_ids, attention_mask=prompt_mask, return_hidden=True, use_lora=use_lora, collect_kv=True
-        )  # [B, P, D], per layer [B, P, K, H]
+        )  # [B, P, D], per layer [B, K, P, H]
         # a response continues its prompt's positions (prompts are left-padded: their length)
         start = jnp.repeat(jnp.sum(prompt_mask.astype(jnp.int32), axis=1), rollouts)  # [R]
         positions = start[:, None] + jnp.arange(c, dtype=jnp.int32)  # [R, C]

@@ -3,7 +3,7 @@
 Flow of ``Sampler.generate``:
 1. prompts are left-padded into a ``[B, T]`` shape bucket (T: a power of two >= 64, capped at
    ``max_prompt_len``; B: a power of two that the mesh's batch axes divide; dummy rows fill it);
-2. prefill (jit): one forward over the prompts writes their KV (per layer ``[B, T, K, H]``) and
+2. prefill (jit): one forward over the prompts writes their KV (per layer ``[B, K, T, H]``) and
    returns only the last position's logits, repeated ``n`` times (one prefill serves all n
    rollouts of a prompt);
 3. decode (jit): step 0 samples from the prefill logits, then a ``while_loop`` feeds the last
