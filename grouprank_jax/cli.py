@@ -18,6 +18,7 @@ import sys
 import traceback
 
 from grouprank_jax import __version__
+from grouprank_jax.compile_cache import enable_compile_cache
 from grouprank_jax.errors import is_user_error, one_line
 from grouprank_jax.log_setup import configure_console
 
@@ -152,9 +153,13 @@ def _skip_absent_tpu() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _skip_absent_tpu()
+    command = next((a for a in argv if not a.startswith("-")), "grouprank")
+    if command != "compile":
+        # `grouprank compile` builds TPU executables on a host without a TPU: JAX can write
+        # them to the cache but not load them back there (it warns and compiles again).
+        enable_compile_cache()
     verbose = "-v" in argv or "--verbose" in argv
     configure_console(verbose)
-    command = next((a for a in argv if not a.startswith("-")), "grouprank")
     try:
         args = build_parser(argv).parse_args(argv)
         return int(args.func(args) or 0)

@@ -9,6 +9,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# One persistent XLA cache for the whole suite (xdist workers and the CLI subprocesses the
+# tests start): the same tiny-model programs are compiled by many tests and by every restart of
+# the resume tests. Its key is JAX's (HLO, options, devices, versions), so a hit is the same
+# executable a compile would give; CI starts from a clean clone, i.e. an empty cache.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla-compile-cache")
+)
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
