@@ -35,10 +35,11 @@ def test_a_second_start_loads_what_the_first_compiled(tmp_path):
     first = _generate(tmp_path, tmp_path / "home")
     written = sorted(p.name for p in cache.iterdir())
     assert written, "the first run wrote nothing to the default cache directory"
-    assert "Persistent compilation cache hit" not in first
+    assert "PERSISTENT COMPILATION CACHE MISS" in first and "Persistent compilation cache hit" not in first
     second = _generate(tmp_path, tmp_path / "home")
+    # Every program of the second start is loaded; none is compiled (JAX logs each miss).
     assert "Persistent compilation cache hit" in second
-    assert sorted(p.name for p in cache.iterdir()) == written  # nothing compiled anew
+    assert "PERSISTENT COMPILATION CACHE MISS" not in second, second[-3000:]
 
     _generate(tmp_path, tmp_path / "off", GROUPRANK_COMPILE_CACHE="0")
     assert not (tmp_path / "off" / ".cache").exists()
