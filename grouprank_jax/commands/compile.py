@@ -25,7 +25,8 @@ import sys
 from grouprank_jax.commands.plan import stages_for
 from grouprank_jax.config.run import load_run_config
 from grouprank_jax.errors import UserError
-from grouprank_jax.preflight.aot import compile_run, dump_hlo
+from grouprank_jax.preflight.aot import compile_run
+from grouprank_jax.preflight.report import dump_hlo
 from grouprank_jax.preflight.topology import parse_topology
 
 

@@ -14,13 +14,8 @@ from __future__ import annotations
 import dataclasses
 
 from grouprank_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
-from grouprank_jax.preflight.memory import (
-    FunctionEstimate,
-    divisibility_violations,
-    model_params,
-    stage_functions,
-    stage_model,
-)
+from grouprank_jax.preflight.memory import FunctionEstimate, stage_functions, stage_model
+from grouprank_jax.preflight.shapes import divisibility_violations, model_params
 from grouprank_jax.preflight.topology import GIB, Topology, parse_topology  # noqa: F401 (re-export)
 
 

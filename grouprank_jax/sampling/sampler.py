@@ -2,12 +2,14 @@
 
 Flow of ``Sampler.generate``:
 1. prompts are left-padded into a ``[B, T]`` shape bucket (T: a power of two >= 64, capped at
-   ``max_prompt_len``; B: a power of two that the mesh's batch axes divide; dummy rows fill it);
+   ``max_prompt_len``; B: a power of two that the mesh's batch axes divide; dummy rows fill it;
+   ``batch.py``);
 2. prefill (jit): one forward over the prompts writes their KV (per layer ``[B, K, T, H]``) and
    returns only the last position's logits, repeated ``n`` times (one prefill serves all n
    rollouts of a prompt);
 3. decode (jit): step 0 samples from the prefill logits, then a ``while_loop`` feeds the last
-   token, samples, records token / log-prob, and exits once every row is done;
+   token, samples, records token / log-prob (``decode.record_step``), and exits once every row
+   is done;
 4. on the host: dummy rows are dropped, stop strings are applied by truncation, text is decoded.
 
 Multi-process (one process per host): every process calls ``generate`` with its own prompts
@@ -33,7 +35,6 @@ call), never closed over, so an optimizer step on the same model is picked up wi
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import time
@@ -48,7 +49,9 @@ from jax.sharding import Mesh
 from grouprank_jax.models.kv_cache import CACHE_AXES, VALID_AXES, KVCache, PrefixKV
 from grouprank_jax.parallel.distributed import agree_max, gather_rows, local_rows
 from grouprank_jax.parallel.mesh import named_sharding, shard, use_mesh
-from grouprank_jax.sampling import ops
+from grouprank_jax.sampling.batch import global_row_ids, left_pad, next_pow2, prompt_buckets
+from grouprank_jax.sampling.decode import RowRecord, record_step
+from grouprank_jax.sampling.output import SamplerOutput, SamplerStats
 from grouprank_jax.sampling.params import SamplingParams
 from grouprank_jax.sampling.stops import apply_stop_strings, stop_token_sequences
 from grouprank_jax.tokenizer import stop_token_ids
@@ -56,49 +59,6 @@ from grouprank_jax.tokenizer import stop_token_ids
 log = logging.getLogger(__name__)
 
 DEFAULT_STOP_IDS = stop_token_ids()  # <|im_end|>, <|endoftext|>
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerStats:
-    prefill_seconds: float  # wall time of the prefill call (includes compilation when compiled)
-    decode_seconds: float  # wall time of the decode loop (same)
-    prompt_tokens: int  # real (unpadded) prompt tokens prefilled
-    generated_tokens: int  # sum of lengths over the returned rows
-    decode_steps: int  # loop iterations run (<= max_new_tokens; fewer on early exit)
-    batch_bucket: int  # prompts per prefill after padding to the batch bucket
-    prompt_bucket: int  # padded prompt length
-    compiled: bool  # this call hit a shape not seen before (timings include compilation)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerOutput:
-    """Rows are prompt-major: row ``i * n + j`` is sample j of prompt i."""
-
-    tokens: np.ndarray  # [N, max_new] int32, pad id after each row's end
-    lengths: np.ndarray  # [N] int32, generated tokens including the stop id / stop string
-    logprobs: np.ndarray  # [N, max_new] fp32, log-softmax at temperature 1 of the sampled token; 0 after the end
-    prompt_lengths: np.ndarray  # [N] int32
-    finish_reasons: tuple[str, ...]  # "stop" (stop id or string) or "length"
-    texts: tuple[str, ...] | None  # decoded completions (special tokens skipped) when a tokenizer is given
-    stats: SamplerStats
-
-    @property
-    def mask(self) -> np.ndarray:
-        """[N, max_new] bool: the position holds a generated token."""
-        return np.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
-
-
-def prompt_buckets(max_prompt_len: int, smallest: int = 64) -> tuple[int, ...]:
-    """Powers of two >= ``smallest`` below ``max_prompt_len``, then ``max_prompt_len`` itself."""
-    out, b = [], smallest
-    while b < max_prompt_len:
-        out.append(b)
-        b *= 2
-    return tuple(out) + (max_prompt_len,)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 class Sampler:
@@ -205,56 +165,37 @@ class Sampler:
             rows = logits0.shape[0]
             if prefix is not None:
                 cache = self._shard_cache(self._empty_cache(rows, max_new))
-            base_key = jax.random.key(seed)
-
-            def record(step, logits, carry):
-                tokens, logprobs, done, lengths, stopped, recent = carry
-                keys = ops.row_keys(base_key, row_ids, step)
-                tok = ops.sample_tokens(
-                    logits, keys, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p
-                )
-                lp = ops.token_logprobs(logits, tok)
-                active = ~done
-                # Finished rows stop changing: pad token, log-prob 0, length frozen.
-                tok = jnp.where(active, tok, self.pad_id)
-                lp = jnp.where(active, lp, 0.0)
-                tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, axis=1)
-                logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, lp[:, None], step, axis=1)
-                lengths = lengths + active.astype(jnp.int32)
-                recent = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
-                ended = active & (jnp.isin(tok, stop_ids) | ops.match_stop_sequences(recent, stop_seqs))
-                stopped = stopped | ended
-                done = done | ended | (step + 1 >= max_new)
-                # The token fed back next step: finished rows feed id 0, since the pad id need not be
-                # inside the vocabulary (an out-of-range embedding lookup yields NaN).
-                return jnp.where(active, tok, 0), (tokens, logprobs, done, lengths, stopped, recent)
-
-            window = max(1, stop_seqs.shape[1])
-            carry = (
-                jnp.full((rows, max_new), self.pad_id, jnp.int32),  # tokens
-                jnp.zeros((rows, max_new), jnp.float32),  # logprobs
-                ~live,  # done
-                jnp.zeros((rows,), jnp.int32),  # lengths
-                jnp.zeros((rows,), bool),  # stopped (by an id / sequence, not by length)
-                jnp.full((rows, window), -2, jnp.int32),  # recent tokens for stop-sequence matching
+            record = functools.partial(
+                record_step,
+                base_key=jax.random.key(seed),
+                row_ids=row_ids,
+                temperature=temperature,
+                top_p=top_p,
+                stop_ids=stop_ids,
+                stop_seqs=stop_seqs,
+                pad_id=self.pad_id,
+                max_new=max_new,
+                greedy=greedy,
+                top_k=top_k,
+                use_top_p=use_top_p,
             )
-            last, carry = record(0, logits0, carry)
+            last, rec = record(0, logits0, RowRecord.start(live, max_new, stop_seqs.shape[1], self.pad_id))
 
             def cond(loop):
-                step, _, _, carry = loop
-                return (step < max_new) & ~jnp.all(carry[2])
+                step, _, _, rec = loop
+                return (step < max_new) & ~jnp.all(rec.done)
 
             def body(loop):
-                step, cache, last, carry = loop
+                step, cache, last, rec = loop
                 # The token sampled at step-1 sits at position prompt_len + step - 1 (cache slot
                 # T + step - 1 per row, or suffix slot step - 1 beside the shared prefix).
                 positions = (prompt_lens + step - 1)[:, None]  # [rows, 1]
                 logits, cache = model(last[:, None], positions=positions, cache=cache, prefix=prefix)  # [rows, 1, V]
-                last, carry = record(step, logits[:, 0], carry)
-                return step + 1, cache, last, carry
+                last, rec = record(step, logits[:, 0], rec)
+                return step + 1, cache, last, rec
 
-            steps, cache, _, carry = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, last, carry))
-            tokens, logprobs, _, lengths, stopped, _ = carry
+            steps, cache, _, rec = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, last, rec))
+            tokens, logprobs, lengths, stopped = rec.tokens, rec.logprobs, rec.lengths, rec.stopped
             # Rows stay on the batch axes so each process can read back its own rows.
             tokens, logprobs = shard(tokens, ("batch", None)), shard(logprobs, ("batch", None))
             lengths, stopped = shard(lengths, ("batch",)), shard(stopped, ("batch",))
@@ -303,7 +244,7 @@ class Sampler:
             raise ValueError(f"a prompt of {longest} tokens exceeds max_prompt_len={self.max_prompt_len}")
         t = next(b for b in self.buckets if b >= longest)
         local_multiple = max(1, self.batch_multiple // jax.process_count())  # rows per batch-shard group here
-        b = _next_pow2(num_prompts)
+        b = next_pow2(num_prompts)
         return -(-b // local_multiple) * local_multiple, t
 
     def _static_settings(self, params: SamplingParams):
@@ -389,23 +330,9 @@ class Sampler:
         longest = agree_max(max(len(p) for p in encoded))  # one prompt bucket on every process
         b, t = self.bucket_shape(num, longest)
 
-        # [B, T] left-padded with id 0 (masked out; the pad id may lie outside the vocabulary);
-        # dummy rows hold one visible token so no row is entirely masked.
-        ids = np.zeros((b, t), np.int32)
-        mask = np.zeros((b, t), np.int32)
-        mask[num:, -1] = 1
-        lens = np.ones((b,), np.int32)
-        for i, p in enumerate(encoded):
-            ids[i, t - len(p) :] = p
-            mask[i, t - len(p) :] = 1
-            lens[i] = len(p)
+        ids, mask, lens = left_pad(encoded, b, t)  # [B, T], [B, T], [B]
         live = np.repeat(np.arange(b) < num, n)  # [B*n]
-        # Global prompt numbers: real prompts of all processes first (process order), then dummies,
-        # so a prompt's random streams do not depend on how many processes or dummy rows there are.
-        prompt_ids = np.concatenate(
-            [pid * num + np.arange(num), processes * num + pid * (b - num) + np.arange(b - num)]
-        )
-        row_ids = (prompt_ids[:, None] * n + np.arange(n)[None, :]).reshape(-1).astype(np.int32)  # [B*n]
+        row_ids = global_row_ids(num, b, n, pid, processes)  # [B*n]
 
         stop_ids, stop_seqs, top_k, use_top_p = self._static_settings(params)
         shape_key = (b, t, n, max_new, params.greedy, top_k, use_top_p, len(stop_ids), stop_seqs.shape)

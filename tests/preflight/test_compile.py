@@ -138,7 +138,7 @@ def test_shared_prefix_decode_holds_one_prompt_copy_on_tpu():
     (one prompt per chip): sharing, the program's arguments hold the prompt KV once instead of 8
     rows x P + C slots, and its loop works on suffix-sized buffers (the while loop keeps two
     copies of what it writes), so its temporaries shrink by at least twice the difference."""
-    from grouprank_jax.preflight import memory
+    from grouprank_jax.preflight import memory, shapes
 
     figures = {}
     for shared in (True, False):
@@ -159,7 +159,7 @@ def test_shared_prefix_decode_holds_one_prompt_copy_on_tpu():
         (fn,) = compile_run(run, parse_topology("v5p-8"), ("grpo",), only=("sampler_decode",)).functions
         assert fn.ok, fn.error
         figures[shared] = fn
-    shape = memory.ModelShape(run.model, {"data": 1, "fsdp": 4, "tensor": 1}, lora=False)
+    shape = shapes.ModelShape(run.model, {"data": 1, "fsdp": 4, "tensor": 1}, lora=False)
     kv = functools.partial(memory.kv_cache_bytes, shape)
     per_row_kv, prompt_kv, suffix_kv = kv(8, 4096 + 256), kv(1, 4096), kv(8, 256)
     args_saved = figures[False].argument_bytes - figures[True].argument_bytes

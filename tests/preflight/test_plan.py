@@ -14,7 +14,7 @@ from grouprank_jax.config.run import load_run_config, run_config_from_dict
 from grouprank_jax.models.kv_cache import KVCache
 from grouprank_jax.models.qwen2 import Qwen2ForCausalLM
 from grouprank_jax.parallel.mesh import make_mesh
-from grouprank_jax.preflight import memory
+from grouprank_jax.preflight import memory, shapes
 from grouprank_jax.preflight import plan as pl
 
 from conftest import REPO
@@ -136,7 +136,7 @@ def test_model_params_follow_the_model():
         tie_word_embeddings=False,
         lora_rank=4,
     )
-    params = memory.model_params(cfg)
+    params = shapes.model_params(cfg)
     model = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0)))
     real = {"/".join(map(str, k)): v.get_value().shape for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert {p.path: p.shape for p in params} == real
@@ -157,7 +157,7 @@ def test_kv_cache_estimate_matches_allocation():
     mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))
     cache = KVCache.init(2, 16, 96, 2, 16, jnp.bfloat16, mesh=mesh)
     per_device = sum(2 * x.addressable_shards[0].data.nbytes for x in cache.k)
-    shape = memory.ModelShape(cfg, {"data": 1, "fsdp": 4, "tensor": 2}, lora=False)
+    shape = shapes.ModelShape(cfg, {"data": 1, "fsdp": 4, "tensor": 2}, lora=False)
     assert memory.kv_cache_bytes(shape, 16 // 4, 96) == per_device
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from grouprank_jax.sampling import ops
-from grouprank_jax.sampling.sampler import prompt_buckets
+from grouprank_jax.sampling.batch import prompt_buckets
 
 DRAWS = 20_000
 LOGITS = np.log(np.asarray([0.30, 0.22, 0.15, 0.12, 0.09, 0.06, 0.04, 0.02]))  # sorted, no ties
