@@ -24,7 +24,7 @@ from typing import Any
 
 from grouprank_jax.config.mesh import MeshConfig
 from grouprank_jax.config.model import ModelConfig, model_preset
-from grouprank_jax.config.yaml_io import from_dict, load_yaml
+from grouprank_jax.config.yaml_io import coerce, field_types, from_dict, load_yaml
 from grouprank_jax.rl.config import GRPOConfig
 from grouprank_jax.sft.config import SFTConfig
 from grouprank_jax.task.reward import RewardConfig
@@ -80,7 +80,8 @@ def _model_from_dict(section: dict[str, Any] | None, where: str) -> ModelConfig:
     if unknown:
         raise ValueError(f"{where}: model: unknown keys {unknown}; allowed: ['preset'] + {sorted(allowed)}")
     base = model_preset(preset) if preset else ModelConfig()
-    return base.replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+    hints = field_types(ModelConfig)
+    return base.replace(**{k: coerce(v, hints.get(k, Any), f"{where}: model.{k}") for k, v in section.items()})
 
 
 def run_config_from_dict(tree: dict[str, Any], where: str = "run config") -> RunConfig:
@@ -104,7 +105,8 @@ def run_config_from_dict(tree: dict[str, Any], where: str = "run config") -> Run
             kwargs[name] = from_dict(cls, tree.pop(name), f"{where}: {name}")
     if "xla_options" in tree and not isinstance(tree["xla_options"], dict):
         raise ValueError(f"{where}: xla_options must be a mapping of XLA flag -> value")
-    kwargs.update(tree)
+    hints = field_types(RunConfig)
+    kwargs.update({k: coerce(v, hints.get(k, Any), f"{where}: {k}") for k, v in tree.items()})
     return RunConfig(**kwargs)
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -61,15 +63,76 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
     if unknown:
         raise ValueError(f"{where or cls.__name__}: unknown keys {unknown}; allowed: {sorted(fields)}")
     kwargs = {}
+    hints = field_types(cls)
     for name, value in data.items():
         ftype = fields[name].type
         target = _resolve_dataclass(cls, ftype)
         if target is not None and isinstance(value, Mapping):
             value = from_dict(target, value, f"{where or cls.__name__}.{name}")
-        elif isinstance(value, list):
-            value = tuple(value)
+        else:
+            value = coerce(value, hints.get(name, Any), f"{where or cls.__name__}.{name}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The evaluated annotations of a dataclass (they are strings under ``from __future__``)."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that cannot be evaluated is left unchecked
+        return {}
+
+
+def coerce(value: Any, annotation: Any, where: str) -> Any:
+    """``value`` as the field's declared scalar type, or a ValueError naming the key.
+
+    YAML 1.1 (PyYAML) reads ``1e-5`` (no dot) as a string, so numeric strings become numbers;
+    an int is accepted for a float; ints and floats in a ``str`` field become strings; lists
+    become tuples. Types other than scalars, their optionals and tuples of them pass unchecked.
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        return coerce(value, options[0], where) if len(options) == 1 else value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(value)
+    if isinstance(value, list):
+        return tuple(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ValueError(f"{where}: expected {name}, got {value!r} ({type(value).__name__})")
 
 
 def _resolve_dataclass(owner: type, ftype: Any) -> type | None:

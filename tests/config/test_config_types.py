@@ -1,0 +1,46 @@
+"""Config values take their field's declared type, from a YAML file or a ``key=value`` override:
+PyYAML (YAML 1.1) reads ``1e-5`` as a string, which must become the float the field declares,
+and a value of the wrong kind is an error that names the key, before anything runs."""
+
+import jax.numpy as jnp
+import pytest
+
+from grouprank_jax.config.run import load_run_config
+from grouprank_jax.rl.step import make_grpo_optimizer
+from grouprank_jax.sft.step import make_sft_optimizer
+
+from conftest import REPO
+
+CONFIG = REPO / "configs" / "grpo_qwen2.5-7b_v5p-64.yaml"
+
+
+def test_exponent_floats_from_overrides_and_files_are_floats(tmp_path):
+    run = load_run_config(
+        CONFIG, ["grpo.learning_rate=1e-5", "sft.learning_rate=3e-5", "grpo.kl_coef=1e-3", "model.rope_theta=1e6"]
+    )
+    assert (run.grpo.learning_rate, run.sft.learning_rate, run.grpo.kl_coef) == (1e-5, 3e-5, 1e-3)
+    assert type(run.grpo.learning_rate) is float and run.model.rope_theta == 1e6
+    # The optimizers build (they failed with "unsupported operand type(s) for -: 'float' and 'str'").
+    params = {"w": jnp.ones((2, 2))}
+    for tx in (make_sft_optimizer(run.sft, total_steps=10), make_grpo_optimizer(run.grpo, total_updates=10)):
+        tx.update(params, tx.init(params), params)
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {preset: tiny}\nsft: {learning_rate: 2e-5, warmup_ratio: 0}\nseed: 1e3\n")
+    run = load_run_config(path)
+    assert run.sft.learning_rate == 2e-5 and type(run.sft.warmup_ratio) is float and run.seed == 1000
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("grpo.learning_rate=fast", "grpo.learning_rate: expected float, got 'fast'"),
+        ("grpo.rollouts_per_prompt=2.5", "grpo.rollouts_per_prompt: expected int, got 2.5"),
+        ("sft.packing=maybe", "sft.packing: expected bool, got 'maybe'"),
+        ("model.num_layers=many", "model.num_layers: expected int, got 'many'"),
+        ("seed=x", "seed: expected int, got 'x'"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_the_key(override, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")) as err:
+        load_run_config(CONFIG, [override])
+    assert str(CONFIG) in str(err.value)
