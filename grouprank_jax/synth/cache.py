@@ -2,8 +2,10 @@
 
 One append-only JSONL file; each line is ``{"key", "model", "text", "prompt_tokens",
 "completion_tokens"}``, written with one ``write`` then ``flush`` + ``fsync`` before the answer is
-used. A crash (kill -9, power loss) can at worst leave a torn last line: on open it is dropped and
-the file truncated back to the last complete line, so the next append starts clean. The key is
+used. A crash (kill -9, power loss) can at worst leave a torn last line (no newline): on open it
+is dropped and the file truncated back to the last complete line, so the next append starts
+clean. A complete line that is not an entry (an edited or damaged file) is an error naming the
+file and line, and nothing is truncated: every answer after it is a paid request. The key is
 the SHA-256 of the canonical JSON of (model, full request body): any change to the prompt,
 model or sampling settings is a new request.
 """
@@ -50,26 +52,38 @@ class DiskCache:
             raise UserError(
                 f"{self.path}: another grouprank synth is using this cache; wait for it or use --cache"
             ) from None
-        self._load()
+        try:
+            self._load()
+        except UserError:
+            self._handle.close()
+            raise
 
     def _load(self) -> None:
         if not self.path.exists():
             return
         data = self.path.read_bytes()
-        good = 0  # byte offset just past the last complete, valid line
-        for line in data.splitlines(keepends=True):
+        good = 0  # byte offset just past the last complete line
+        for lineno, line in enumerate(data.splitlines(keepends=True), start=1):
             if not line.endswith(b"\n"):
-                break
+                break  # only the last line can lack its newline: a torn append
             try:
                 row = json.loads(line)
+                key = row["key"]
                 entry = Completion(row["text"], int(row.get("prompt_tokens", 0)), int(row.get("completion_tokens", 0)))
-            except (ValueError, KeyError, TypeError):
-                break
-            self._entries[row["key"]] = entry
+            except (ValueError, KeyError, TypeError) as err:
+                what = f"missing {err}" if isinstance(err, KeyError) else str(err)
+                raise UserError(
+                    f"{self.path}:{lineno}: not a cache entry ({what}); repair or delete that line "
+                    "(the entries after it are kept)"
+                ) from None
+            self._entries[key] = entry
             good += len(line)
         if good < len(data):
             log.warning(
-                "%s: dropped a torn last entry (%d bytes) left by an interrupted run", self.path, len(data) - good
+                "%s: dropped a torn last entry (%d bytes, line %d) left by an interrupted run",
+                self.path,
+                len(data) - good,
+                data[:good].count(b"\n") + 1,
             )
             with open(self.path, "r+b") as handle:
                 handle.truncate(good)

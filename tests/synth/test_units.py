@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from grouprank_jax.errors import UserError
 from grouprank_jax.synth.cache import Completion, DiskCache
 from grouprank_jax.synth.fusion import fuse, pointwise_ranks
 from grouprank_jax.synth.groups import (
@@ -229,3 +230,23 @@ def test_cache_survives_a_torn_last_line_and_locks(tmp_path):
         cache.put("k3", "m", Completion("three"))
     lines = path.read_text().splitlines()
     assert [json.loads(line)["key"] for line in lines] == ["k1", "k2", "k3"]
+
+
+@pytest.mark.parametrize(
+    "bad_line, reason", [(b"{not json\n", "Expecting property name"), (b'{"text": "no key"}\n', "missing 'key'")]
+)
+def test_a_damaged_middle_line_is_an_error_naming_it_and_nothing_is_lost(tmp_path, bad_line, reason):
+    path = tmp_path / "c.jsonl"
+    with DiskCache(path) as cache:
+        for i in range(4):
+            cache.put(f"k{i}", "m", Completion(f"answer {i}"))
+    lines = path.read_bytes().splitlines(keepends=True)
+    damaged = b"".join(lines[:1] + [bad_line] + lines[1:])  # line 2 of 5
+    path.write_bytes(damaged)
+    with pytest.raises(UserError, match=rf"{path}:2: not a cache entry \(.*{reason}") as err:
+        DiskCache(path)
+    assert "delete that line" in str(err.value)
+    assert path.read_bytes() == damaged  # the paid answers after the bad line are all still there
+    path.write_bytes(b"".join(lines))  # repaired: every entry loads, and the lock was released
+    with DiskCache(path) as cache:
+        assert len(cache) == 4 and cache.get("k3") == Completion("answer 3")
