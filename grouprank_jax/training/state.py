@@ -42,7 +42,8 @@ def make_optimizer(
     constant learning rate (``"constant"``, verl's default for PPO/GRPO actors), and global-norm
     clipping.
 
-    Weight decay skips 1-D params (norm scales, biases), the usual convention.
+    Weight decay skips biases and norm scales (what HF's Trainer and PEFT exclude), found by name:
+    the attention biases are 2-D here (``[heads, head_dim]``), so a rank test would decay them.
     """
     total_steps = max(int(total_steps), 1)
     warmup_steps = min(int(warmup_steps), total_steps - 1) if total_steps > 1 else 0
@@ -63,12 +64,18 @@ def make_optimizer(
         )
     else:
         raise ValueError(f"schedule={schedule!r}; choose 'cosine' or 'constant'")
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(lambda path, x: x.ndim > 1 and decays(path), params)
     parts = []
     if max_grad_norm:
         parts.append(optax.clip_by_global_norm(max_grad_norm))
     parts.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
     return optax.chain(*parts)
+
+
+def decays(path) -> bool:
+    """Whether weight decay applies to the parameter at this pytree path: not to biases or norms."""
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", "")))) for k in path]
+    return not any(n == "bias" or n.endswith("norm") for n in names)
 
 
 def trainable_filter(lora: bool):

@@ -54,3 +54,28 @@ def test_schedules_share_the_state_structure_and_reject_unknown_names():
     assert len(structures) == 1  # a checkpoint restores under either schedule
     with pytest.raises(ValueError, match="schedule"):
         make_optimizer(1e-3, 8, schedule="linear")
+
+
+def test_weight_decay_skips_biases_and_norms_by_name():
+    """With zero gradients Adam's step is 0, so a parameter moves only by decoupled weight decay:
+    kernels and the embedding move by -lr * wd * p; the q/k/v biases ([heads, head_dim], 2-D)
+    and the norm scales do not move."""
+    from flax import nnx
+
+    from grouprank_jax.config import model_preset
+    from grouprank_jax.models import create_model
+
+    params = nnx.state(create_model(model_preset("tiny"), seed=0), nnx.Param)
+    params = jax.tree.map(jnp.ones_like, params)  # non-zero everywhere (the biases start at 0)
+    tx = make_optimizer(0.1, total_steps=10, weight_decay=0.5, max_grad_norm=None, schedule="constant")
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    state = tx.init(params)
+    _, state = tx.update(zeros, state, params)  # the warmup step (learning rate 0)
+    updates, _ = tx.update(zeros, state, params)
+    step = {
+        jax.tree_util.keystr(k): float(jnp.max(jnp.abs(u))) for k, u in jax.tree_util.tree_leaves_with_path(updates)
+    }
+    skipped = {k for k in step if "bias" in k or "norm" in k}
+    assert any("['q_proj']['bias']" in k for k in skipped) and any("final_norm" in k for k in skipped)
+    assert {k: step[k] for k in skipped} == dict.fromkeys(skipped, 0.0)
+    assert {k: step[k] for k in set(step) - skipped} == pytest.approx(dict.fromkeys(set(step) - skipped, 0.1 * 0.5))
