@@ -62,7 +62,8 @@ class GRPOConfig:
     log_ratio_clamp: float = 20.0  # |logp - old| <= 20 before exp, as verl / Tunix do
     # "token-mean over |y_i|" [paper §A.4]; verl's default too.
     loss_agg_mode: str = "token-mean"
-    # Constant divisor of seq-mean-token-sum-norm (Dr.GRPO); None -> the mask's padded T.
+    # Constant divisor of seq-mean-token-sum-norm (Dr.GRPO); None -> max_response_len (TRL's
+    # max_completion_length, verl's response_length), never the batch's padded length.
     loss_norm_len: int | None = None
 
     # ---- regularisers -----------------------------------------------------------------

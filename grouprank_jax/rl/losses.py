@@ -270,6 +270,9 @@ def loss_kwargs(cfg) -> dict:
         kl_estimator=cfg.kl_estimator,
         kl_value_clamp=cfg.kl_value_clamp,
         loss_agg_mode=cfg.loss_agg_mode,
-        norm_len=cfg.loss_norm_len,
+        # Dr.GRPO's divisor must not follow the batch's padded length (the trainer pads responses to
+        # a bucket of the longest one, so that would rescale the loss step to step): TRL divides
+        # by max_completion_length, verl by its fixed response_length.
+        norm_len=cfg.max_response_len if cfg.loss_norm_len is None else cfg.loss_norm_len,
         entropy_coef=cfg.entropy_coef,
     )

@@ -227,6 +227,21 @@ def test_sum_norm_defaults_to_padded_length_and_uses_config(batch):
     np.testing.assert_allclose(float(a) * T / MAX_LEN, float(b), rtol=1e-6)
 
 
+def test_config_sum_norm_divisor_is_max_response_len_whatever_the_padding(batch):
+    """Through ``loss_kwargs`` the Dr.GRPO loss of a batch is the same padded to T or to 2T (the
+    trainer's response bucket follows the longest response of each batch)."""
+    cfg = GRPOConfig(loss_agg_mode="seq-mean-token-sum-norm", max_response_len=MAX_LEN)
+    kw = loss_kwargs(cfg)
+    assert kw["norm_len"] == MAX_LEN and loss_kwargs(cfg.replace(loss_norm_len=7))["norm_len"] == 7
+    pad = lambda x: jnp.pad(jnp.asarray(x), ((0, 0), (0, T)))
+    short = grpo_loss(batch.logp, batch.old, batch.ref, batch.adv, batch.mask, **kw)[0]
+    long = grpo_loss(pad(batch.logp), pad(batch.old), pad(batch.ref), batch.adv, pad(batch.mask), **kw)[0]
+    np.testing.assert_allclose(float(short), float(long), rtol=1e-6)
+    # ... and it is TRL's dr_grpo value (test_matches_trl_compute_loss checks norm_len=MAX_LEN there).
+    explicit = grpo_loss(batch.logp, batch.old, batch.ref, batch.adv, batch.mask, **{**kw, "norm_len": MAX_LEN})[0]
+    np.testing.assert_allclose(float(short), float(explicit), rtol=1e-7)
+
+
 @pytest.mark.parametrize("mode", sorted(AGGREGATIONS))
 def test_global_denominator_makes_microbatches_sum_to_full_batch(batch, mode):
     full = lambda x: grpo_loss(x, batch.old, batch.ref, batch.adv, batch.mask, kl_coef=0.01, loss_agg_mode=mode)[0]
