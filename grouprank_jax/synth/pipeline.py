@@ -97,9 +97,13 @@ def _pools(cfg: SynthConfig) -> tuple[dict[str, str], dict[str, str], Pools]:
         "runs": [str(Path(r).resolve()) for r in cfg.runs],
         "options": dataclasses.asdict(cfg.pools),
     }
+    saved = {}
     if path.exists():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved.get("fingerprint") == fingerprint:
+        try:  # derived from the inputs, so a damaged copy is rebuilt, not an error
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            log.warning("pools: %s is unreadable (line %d: %s); rebuilding it", path, err.lineno, err.msg)
+        if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint:
             log.info("pools: reusing %s", path)
             p = saved["pools"]
             return saved["queries"], saved["texts"], Pools(p["pools"], p["first_stage_rank"], p["short"], p["dropped"])

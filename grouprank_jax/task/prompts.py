@@ -129,10 +129,14 @@ def load_template(name_or_path: str = "grouprank") -> PromptTemplate:
     if not path.is_file():
         raise ValueError(f"prompt template {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
     text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        data: Any = json.loads(text)
-    else:
-        data = yaml.safe_load(text)
+    try:
+        data: Any = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ValueError(f"{where}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("system", "user")):
         raise ValueError(f"{path}: a prompt template needs string keys 'system' and 'user'")
     if "{PASSAGES}" not in data["user"]:

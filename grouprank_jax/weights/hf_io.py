@@ -58,7 +58,10 @@ def _tensor_index(path: Path) -> dict[str, Path]:
     index_file = path / SAFE_INDEX
     if index_file.exists():
         with open(index_file) as fh:
-            weight_map = json.load(fh).get("weight_map")
+            try:
+                weight_map = json.load(fh).get("weight_map")
+            except (json.JSONDecodeError, AttributeError) as err:
+                raise CheckpointFormatError(f"{index_file}: not a safetensors index ({err})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointFormatError(f"{index_file}: missing 'weight_map'")
         return {k: path / v for k, v in weight_map.items()}

@@ -42,7 +42,10 @@ def read_model_config(directory: str | Path, **overrides) -> ModelConfig:
         raise FileNotFoundError(
             f"{file} not found: expected a grouprank checkpoint directory (made by `grouprank import-hf` or training)"
         )
-    data = json.loads(file.read_text())
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}:{err.lineno}: invalid JSON ({err.msg})") from None
     data.update(overrides)
     return ModelConfig(**data)
 

@@ -1,0 +1,59 @@
+"""A damaged JSON/YAML file the user points at is a one-line error naming the file (and line
+where the parser gives one), not a bare ``JSONDecodeError``; a damaged derived cache is rebuilt."""
+
+import json
+import logging
+
+import pytest
+
+from grouprank_jax.errors import is_user_error
+from grouprank_jax.task.prompts import load_template
+from grouprank_jax.weights.hf_io import _tensor_index
+from grouprank_jax.weights.orbax_io import read_model_config
+
+
+@pytest.mark.parametrize(
+    "name, text, expected",
+    [
+        ("t.json", '{"system": "s",\n "user": }', "t.json:2: invalid JSON"),
+        ("t.yaml", "system: s\nuser: [unclosed\n", "t.yaml:3: invalid YAML"),
+    ],
+)
+def test_a_broken_prompt_template_names_file_and_line(tmp_path, name, text, expected):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=expected) as err:
+        load_template(str(path))
+    assert is_user_error(err.value)
+
+
+def test_a_broken_checkpoint_config_names_the_file(tmp_path):
+    (tmp_path / "model_config.json").write_text('{"num_layers": 2,,}')
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'model_config.json'}:1: invalid JSON") as err:
+        read_model_config(tmp_path)
+    assert is_user_error(err.value)
+
+
+@pytest.mark.parametrize("text", ['{"weight_map": {', "[1, 2]"])
+def test_a_broken_safetensors_index_names_the_file(tmp_path, text):
+    (tmp_path / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(ValueError, match="model.safetensors.index.json: not a safetensors index") as err:
+        _tensor_index(tmp_path)
+    assert is_user_error(err.value)
+
+
+def test_a_damaged_pools_cache_is_rebuilt(tmp_path, shared_data, caplog):
+    from grouprank_jax.data.formats import read_rank_llm, write_rank_llm
+    from grouprank_jax.synth.pipeline import SynthConfig, _pools
+
+    data = tmp_path / "dl19_3.json"
+    write_rank_llm(read_rank_llm(shared_data / "trec_dl" / "rank_llm.BM25.retrieve_results_dl19.json")[:3], data)
+    (tmp_path / "out").mkdir()  # the pipeline makes it before stage 1
+    cfg = SynthConfig(data=str(data), out=str(tmp_path / "out"))
+    first = _pools(cfg)
+    cache = tmp_path / "out" / "pools.json"
+    cache.write_text(cache.read_text()[:100])  # cut short
+    with caplog.at_level(logging.WARNING, logger="grouprank_jax.synth.pipeline"):
+        again = _pools(cfg)
+    assert "unreadable" in caplog.text and "rebuilding" in caplog.text
+    assert again == first and json.loads(cache.read_text())["queries"] == first[0]
