@@ -213,6 +213,11 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(results, indent=2, default=str))
         gc.collect()
         jax.clear_caches()
+    # Every section runs even when one fails (device time is scarce); the exit status still says so.
+    failed = [name for name, sec in results["sections"].items() if "error" in (sec.get("result") or {})]
+    if failed:
+        print(f"device suite: {len(failed)} section(s) failed: {', '.join(failed)} (see {args.out})", file=sys.stderr)
+        return 1
     return 0
 
 
