@@ -22,7 +22,7 @@ parser does not look at the tags).
 Per-key rules (documented choices):
 
 - keys ``"[k]"`` and bare ``"k"`` (optionally padded by spaces) name document k, 1-based;
-  any other key is ignored;
+  any other key (``"[k"`` and ``"k]"`` included) is ignored;
 - ids outside ``1..group_size`` are ignored; the document count never changes;
 - duplicate ids: the LAST occurrence in the text wins (``json.loads`` semantics for identical
   keys, extended to ``"[1]"`` vs ``"1"``);
@@ -45,7 +45,7 @@ import numpy as np
 MAX_SCORE = 10  # the 0..10 scale of the prompt (paper-notes §1)
 STATUS_OK, STATUS_BAD_JSON, STATUS_BAD_TAGS = 0, 1, 2
 
-_KEY = re.compile(r"\s*\[?\s*(\d{1,9})\s*\]?\s*")
+_KEY = re.compile(r"\s*(?:\[\s*(\d{1,9})\s*\]|(\d{1,9}))\s*")  # "[k]" or "k"; not "[k" or "k]"
 _BRACKET_REPAIR = re.compile(r"(\[\d+\])\]")
 _WHITESPACE = re.compile(r"\s+")
 
@@ -150,7 +150,7 @@ def parse_group_output(text: str, group_size: int) -> ParsedOutput:
     ignored = 0
     for key, value in pairs:  # in text order, so the last duplicate wins
         match = _KEY.fullmatch(key)
-        doc = int(match.group(1)) - 1 if match else -1
+        doc = int(match.group(1) or match.group(2)) - 1 if match else -1
         if not 0 <= doc < group_size:
             ignored += 1
             continue

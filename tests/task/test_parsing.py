@@ -79,7 +79,7 @@ def test_key_and_value_rules():
     text = (
         '<reason>r</reason><answer>{"[1]": 7.0, "2": 4, " [3] ": 2, "[4]": 7.5, "[5]": 11, '
         '"[6]": -1, "[7]": true, "[8]": "7", "[9]": null, "[0]": 5, "[12]": 5, "doc": 3, '
-        '"[10]": 1, "10": 8}</answer>'
+        '"[10]": 1, "10": 8, "[11": 6, "2]": 9}</answer>'  # unbalanced brackets: ignored
     )
     out = parse_group_output(text, 11)
     assert out.format_status == STATUS_OK
