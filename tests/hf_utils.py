@@ -20,8 +20,12 @@ def make_hf_model(
     seed=0,
     dtype="float32",
     bias_scale=0.1,
+    weight_scale=1.0,
 ):
-    """A random-weight HF Qwen2ForCausalLM saved to ``out_dir`` (nonzero biases, so they are tested)."""
+    """A random-weight HF Qwen2ForCausalLM saved to ``out_dir`` (nonzero biases, so they are tested).
+
+    ``weight_scale`` multiplies transformers' init (std 0.02) of every matrix: larger weights give
+    larger logits and attention far from uniform, where a wrong q/k path shows."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -49,6 +53,8 @@ def make_hf_model(
                 p.normal_(0.0, bias_scale)
             elif "norm" in name:
                 p.uniform_(0.5, 1.5)
+            else:
+                p.mul_(weight_scale)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     return model
 

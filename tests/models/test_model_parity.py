@@ -23,24 +23,31 @@ def test_fp32_logits_match_transformers(tmp_path, heads, kv_heads, tied):
     assert err <= 1e-4, f"max |dlogit| = {err}"
 
 
-def test_bf16_compute_within_tolerance(tmp_path):
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (14, 2)])
+def test_bf16_compute_within_tolerance(tmp_path, heads, kv_heads):
     """bf16 params and compute (fp32 norms/softmax/RoPE/logits) vs the fp32 HF model.
 
-    Stated tolerance: max |dlogit| <= 0.05 on logits of std ~1 (bf16 has 8 mantissa bits;
-    2 layers of rounding on 64-wide dot products), and the greedy argmax agrees on >= 95%.
+    Weights at 2.5x transformers' init and biases of std 0.5, so attention is far from uniform
+    and the logits have std 0.36-0.75: a wrong q/k path shows here (zeroing the q/k biases of the
+    bf16 model gives 0.55-0.76 x std), while bf16 rounding gives 0.032 x std (measured). Stated
+    tolerance: max |dlogit| <= 0.1 x the logits' std, greedy argmax agreement >= 90 % (near-ties
+    flip under rounding: 97-98 % measured).
     """
     import jax.numpy as jnp
 
-    hf = make_hf_model(tmp_path, tied=False)
+    hf = make_hf_model(
+        tmp_path, hidden=heads * 16, heads=heads, kv_heads=kv_heads, tied=False, bias_scale=0.5, weight_scale=2.5
+    )
     model = load_hf(tmp_path, dtype=jnp.bfloat16)
-    ids, mask = left_padded_batch(np.random.default_rng(2), [9, 16], 512)
+    ids, mask = left_padded_batch(np.random.default_rng(2), [9, 16, 30, 5], 512)
     expected = hf_logits(hf, ids, mask)
     got = np.asarray(model(ids, attention_mask=mask))
     valid = mask.astype(bool)
     err = np.abs(expected - got)[valid].max()
+    scale = expected[valid].std()
     agree = (expected.argmax(-1) == got.argmax(-1))[valid].mean()
-    assert err <= 0.05, f"bf16 max |dlogit| = {err}"
-    assert agree >= 0.95
+    assert err <= 0.1 * scale, f"bf16 max |dlogit| = {err} = {err / scale:.3f} x the logits' std {scale}"
+    assert agree >= 0.9
 
 
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
