@@ -119,7 +119,7 @@ def sft_jobs(run, mesh: Mesh) -> list[CompileJob]:
     sft = run.sft
     lora = sft.lora_rank > 0
     model_cfg = (
-        run.model.replace(lora_rank=sft.lora_rank, lora_alpha=sft.lora_alpha)
+        run.model.replace(lora_rank=sft.lora_rank, lora_alpha=sft.lora_alpha, lora_targets=tuple(sft.lora_targets))
         if lora
         else run.model.replace(lora_rank=0)
     )

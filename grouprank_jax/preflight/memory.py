@@ -183,7 +183,10 @@ def stage_model(run, stage: str) -> tuple[ModelConfig, bool]:
     """The model config a stage trains (LoRA adapters added per its section) and whether LoRA."""
     cfg = run.model
     if stage == "sft" and run.sft.lora_rank:
-        return cfg.replace(lora_rank=run.sft.lora_rank, lora_alpha=run.sft.lora_alpha), True
+        return (
+            cfg.replace(lora_rank=run.sft.lora_rank, lora_alpha=run.sft.lora_alpha, lora_targets=run.sft.lora_targets),
+            True,
+        )
     if stage == "grpo" and run.grpo.lora_enabled:
         return cfg.replace(
             lora_rank=run.grpo.lora_rank, lora_alpha=run.grpo.lora_alpha, lora_targets=tuple(run.grpo.lora_targets)

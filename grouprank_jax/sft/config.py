@@ -24,6 +24,8 @@ class SFTConfig:
     length_buckets: tuple[int, ...] | None = None  # padded lengths of unpacked batches (None: powers of 2 >= 256)
     lora_rank: int = 0  # full fine-tuning for 7B, LoRA for 32B [paper Table 8]
     lora_alpha: float = 32.0
+    # [INFERRED] the paper names no SFT targets; all linear layers, as its RL stage [Table 10].
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def replace(self, **changes) -> SFTConfig:
         return dataclasses.replace(self, **changes)

@@ -54,7 +54,7 @@ def train_sft(
     model = model if model is not None else initial_model(cfg.init_from, cfg.model, mesh, seed=cfg.seed)
     lora = sft.lora_rank > 0
     if lora:
-        model = with_lora(model, sft.lora_rank, sft.lora_alpha, model.cfg.lora_targets, mesh, cfg.seed)
+        model = with_lora(model, sft.lora_rank, sft.lora_alpha, sft.lora_targets, mesh, cfg.seed)
     save_base_weights(model, run_dir)
 
     # per_device_batch counts rows per batch shard (data x fsdp); tensor-parallel devices share rows.

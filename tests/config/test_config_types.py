@@ -44,3 +44,9 @@ def test_a_value_of_the_wrong_type_names_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")) as err:
         load_run_config(CONFIG, [override])
     assert str(CONFIG) in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["lora_rank", "lora_alpha", "lora_targets"])
+def test_model_lora_keys_point_to_the_stage_that_uses_them(key):
+    with pytest.raises(ValueError, match=rf"model\.{key} is set per stage: use sft\.{key} / grpo\.{key}"):
+        load_run_config(CONFIG, [f"model.{key}=[q_proj]" if key == "lora_targets" else f"model.{key}=8"])

@@ -94,3 +94,36 @@ def test_loss_falls_on_tiny_overfit_set(lora):
         assert names == {("lora", "a"), ("lora", "b")}
         for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(state.frozen)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_sft_lora_adapters_go_on_the_configured_targets(tmp_path):
+    """``sft.lora_targets`` decides where the SFT stage's adapters go (``model.lora_*`` is
+    rejected in a run config: see tests/config)."""
+    from grouprank_jax.config.run import run_config_from_dict
+    from grouprank_jax.data.records import records_from_rows
+    from grouprank_jax.sft.trainer import train_sft
+
+    rows = [
+        {"query": f"q{i}", "documents": ["alpha beta", "gamma delta", "epsilon"], "scores": [i, 3, 0]} for i in range(2)
+    ]
+    cfg = run_config_from_dict(
+        {
+            "model": {"preset": "tiny"},
+            "prompt": {"preset": "compact"},
+            "sft": {
+                "per_device_batch": 1,
+                "grad_accum_steps": 1,
+                "max_seq_len": 256,
+                "length_buckets": [256],
+                "packing": False,
+                "total_steps": 1,
+                "lora_rank": 4,
+                "lora_targets": ["q_proj", "v_proj"],
+            },
+            "checkpoint": {"async_save": False},
+            "run_dir": str(tmp_path / "run"),
+        }
+    )
+    result = train_sft(cfg, records=records_from_rows(rows, purpose="sft"), progress=False)
+    adapted = {str(path[-3]) for path, _ in nnx.to_flat_state(nnx.state(result.model, nnx.LoRAParam))}
+    assert adapted == {"q_proj", "v_proj"} and result.model.cfg.lora_targets == ("q_proj", "v_proj")
