@@ -20,9 +20,11 @@ def lm_head_matrix(model) -> jax.Array:
     return model.lm_head[...]
 
 
-def _chunk_stats(head, hidden, targets):
+def _chunk_stats(head, hidden, targets, temperature: float = 1.0):
     # hidden [C, D], targets [C] -> logp [C], entropy [C]
     logits = jnp.dot(hidden.astype(jnp.float32), head.astype(jnp.float32))  # [C, V] fp32
+    if temperature != 1.0:
+        logits = logits / temperature
     lse = jax.nn.logsumexp(logits, axis=-1)
     chosen = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     probs = jnp.exp(logits - lse[:, None])
@@ -30,8 +32,9 @@ def _chunk_stats(head, hidden, targets):
     return chosen - lse, entropy
 
 
-def token_logprobs(head, hidden, targets, chunk_size: int = 1024, with_entropy: bool = True):
-    """``log p(targets | hidden)`` and the entropy of each position's distribution.
+def token_logprobs(head, hidden, targets, chunk_size: int = 1024, with_entropy: bool = True, temperature: float = 1.0):
+    """``log p(targets | hidden)`` and the entropy of each position's distribution, both of
+    ``softmax(logits / temperature)`` (GRPO's: the distribution rollouts are sampled from).
 
     head [D, V]; hidden [..., D]; targets [...] int -> (logp [...], entropy [...]) in fp32.
     """
@@ -43,7 +46,7 @@ def token_logprobs(head, hidden, targets, chunk_size: int = 1024, with_entropy: 
     if n <= chunk_size:
         # One block: nothing to save by rematerialising it (the backward would hold the same
         # [n, vocab] block), so skip the recompute: 3 instead of 4 LM-head matmuls per step.
-        logp, ent = _chunk_stats(head, flat_h, flat_t)
+        logp, ent = _chunk_stats(head, flat_h, flat_t, temperature)
         return logp.reshape(lead), (ent if with_entropy else jnp.zeros_like(ent)).reshape(lead)
     chunk = max(1, min(chunk_size, n))
     num_chunks = -(-n // chunk)
@@ -55,7 +58,7 @@ def token_logprobs(head, hidden, targets, chunk_size: int = 1024, with_entropy: 
     @jax.checkpoint
     def body(_, xs):
         h, t = xs
-        logp, ent = _chunk_stats(head, h, t)
+        logp, ent = _chunk_stats(head, h, t, temperature)
         return None, (logp, ent if with_entropy else jnp.zeros_like(logp))
 
     _, (logp, ent) = jax.lax.scan(body, None, (flat_h.reshape(num_chunks, chunk, d), flat_t.reshape(num_chunks, chunk)))
@@ -64,9 +67,9 @@ def token_logprobs(head, hidden, targets, chunk_size: int = 1024, with_entropy: 
     return logp, ent
 
 
-def naive_token_logprobs(head, hidden, targets):
+def naive_token_logprobs(head, hidden, targets, temperature: float = 1.0):
     """Reference: full ``[tokens, vocab]`` logits at once (for tests and the memory benchmark)."""
-    logits = jnp.einsum("...d,dv->...v", hidden.astype(jnp.float32), head.astype(jnp.float32))
+    logits = jnp.einsum("...d,dv->...v", hidden.astype(jnp.float32), head.astype(jnp.float32)) / temperature
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     logp = jnp.take_along_axis(logp_all, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)

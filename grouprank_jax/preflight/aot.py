@@ -187,6 +187,7 @@ def grpo_jobs(run, mesh: Mesh) -> list[CompileJob]:
         micro_rows=grpo.micro_batch_rows,
         compiler_options=run.xla_options,
         rollouts=rollouts,
+        temperature=grpo.temperature,
     )
     batch = rows_batch(mini_rows, bool(grpo.kl_coef))
     out.append(
@@ -208,6 +209,7 @@ def grpo_jobs(run, mesh: Mesh) -> list[CompileJob]:
             micro_rows=grpo.micro_batch_rows,
             compiler_options=run.xla_options,
             rollouts=rollouts,
+            temperature=grpo.temperature,
         )
         ids = rows_batch(all_rows, False)
         # LoRA: the reference is the adapters switched off; full: the frozen copy (same shapes).
@@ -233,7 +235,9 @@ def grpo_jobs(run, mesh: Mesh) -> list[CompileJob]:
         compiler_options=sampler_options,
         shared_prefix=grpo.shared_prefix_sampling,
     )
-    params = SamplingParams(temperature=grpo.temperature, n=G, max_new_tokens=C, stop=(STOP_STRING,))
+    params = SamplingParams(
+        temperature=grpo.temperature, n=G, max_new_tokens=C, stop=(STOP_STRING,), tempered_logprobs=True
+    )
     lowered: dict = {}
 
     def lower(which: int):

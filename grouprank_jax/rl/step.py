@@ -100,8 +100,10 @@ def completion_logprobs(
     use_lora: bool = True,
     with_entropy: bool = True,
     rollouts: int | None = None,
+    temperature: float = 1.0,
 ):
-    """(logp, entropy), each [R, C] fp32, of the completion tokens under the given weights;
+    """(logp, entropy), each [R, C] fp32, of the completion tokens under the given weights, of
+    ``softmax(logits / temperature)`` (the rollouts' sampling temperature, as TRL and verl);
     ``rollouts=G`` computes each prompt once (the shared-prefix layout, module docstring)."""
     model = nnx.merge(graphdef, trainable, frozen)
     targets = seq_ids[:, prompt_len:]  # [R, C]
@@ -129,7 +131,7 @@ def completion_logprobs(
         # token 0 of every rollout is predicted by its prompt's last position (shared)
         last_prompt = jnp.repeat(prompt_hidden[:, -1:], rollouts, axis=0)  # [R, 1, D]
         predicting = jnp.concatenate([last_prompt, hidden[:, :-1]], axis=1)  # [R, C, D]
-    return token_logprobs(lm_head_matrix(model), predicting, targets, chunk_size, with_entropy)
+    return token_logprobs(lm_head_matrix(model), predicting, targets, chunk_size, with_entropy, temperature)
 
 
 def make_logprob_fn(
@@ -140,9 +142,11 @@ def make_logprob_fn(
     micro_rows: int | None = None,
     compiler_options: dict | None = None,
     rollouts: int | None = None,
+    temperature: float = 1.0,
 ):
     """Jitted no-grad log-probs [R, C] (the reference policy's, or the current policy's for
-    checks), ``micro_rows`` rows per forward pass; ``rollouts=G``: the shared-prefix layout."""
+    checks), ``micro_rows`` rows per forward pass; ``rollouts=G``: the shared-prefix layout;
+    ``temperature``: the rollouts' sampling temperature (``completion_logprobs``)."""
 
     def fn(trainable, frozen, seq_ids, seq_mask):
         micro = _micro_size(seq_ids.shape[0], micro_rows, rollouts)
@@ -161,6 +165,7 @@ def make_logprob_fn(
                 use_lora=use_lora,
                 with_entropy=False,
                 rollouts=rollouts,
+                temperature=temperature,
             )
             return None, logp
 
@@ -182,6 +187,7 @@ def make_grpo_update(
     micro_rows: int | None = None,
     compiler_options: dict | None = None,
     rollouts: int | None = None,
+    temperature: float = 1.0,
 ):
     """``update(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)``.
 
@@ -191,7 +197,10 @@ def make_grpo_update(
     ``micro_rows`` splits the mini-batch into forward/backward passes of that many rows whose
     gradients are summed; each pass divides by the WHOLE mini-batch's count (tokens for
     token-mean, sequences otherwise), so the update equals the unsplit one. ``rollouts=G``: the
-    shared-prefix layout (rows prompt-major, micro-batches of whole prompts).
+    shared-prefix layout (rows prompt-major, micro-batches of whole prompts). ``temperature``:
+    the rollouts' sampling temperature; log-probs, ratio, KL and entropy are of
+    ``softmax(logits / temperature)``, as TRL and verl compute them (the sampler's ``old_logp``
+    must come from ``SamplingParams(tempered_logprobs=True)``).
     """
     agg_mode = loss_kwargs.get("loss_agg_mode", "token-mean")
 
@@ -205,6 +214,7 @@ def make_grpo_update(
             prompt_len,
             chunk_size,
             rollouts=rollouts,
+            temperature=temperature,
         )
         mask = batch["completion_mask"].astype(jnp.float32)
         loss, metrics = grpo_loss(

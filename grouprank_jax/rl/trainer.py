@@ -130,6 +130,7 @@ def train_grpo(
                 seed=cfg.seed * 7919 + state.step,
                 max_new_tokens=grpo.max_response_len,
                 stop=(STOP_STRING,),
+                tempered_logprobs=True,  # old_logp at the sampling temperature, as the update's
             ),
         )
         t_sample = time.perf_counter() - t0
@@ -152,6 +153,7 @@ def train_grpo(
                     micro_rows=grpo.micro_batch_rows,
                     compiler_options=cfg.xla_options,
                     rollouts=G if grpo.shared_prefix else None,
+                    temperature=grpo.temperature,
                 )
             ref_weights = state.trainable if lora else ref_trainable
             device_rows["ref_logp"] = ref_fns[P](
@@ -167,6 +169,7 @@ def train_grpo(
                 micro_rows=grpo.micro_batch_rows,
                 compiler_options=cfg.xla_options,
                 rollouts=G if grpo.shared_prefix else None,
+                temperature=grpo.temperature,
             )
         state, update_metrics = _run_updates(updates[P], state, device_rows, grpo, G)
         train_tokens = global_sum(float(rows["seq_mask"].sum()) * grpo.updates_per_rollout_batch)

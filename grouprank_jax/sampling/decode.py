@@ -1,7 +1,7 @@
 """One decode step's bookkeeping, as pure functions of the loop state (jitted inside the Sampler).
 
-A step turns the rows' next-token logits into a sampled token, its log-prob under the plain
-temperature-1 softmax (what GRPO's importance ratio compares against), and the per-row state that
+A step turns the rows' next-token logits into a sampled token, its log-prob (under the plain
+softmax, or at the sampling temperature: ``SamplingParams.tempered_logprobs``), and the per-row state that
 decides when a row is done: a stop id, a stop token sequence, or ``max_new`` tokens. Finished rows
 stop changing (pad token, log-prob 0, length frozen), so the loop can run until every row is done.
 """
@@ -49,6 +49,7 @@ def record_step(
     row_ids,
     temperature,
     top_p,
+    logprob_temperature,
     stop_ids,
     stop_seqs,
     pad_id: int,
@@ -64,7 +65,7 @@ def record_step(
     """
     keys = ops.row_keys(base_key, row_ids, step)
     tok = ops.sample_tokens(logits, keys, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
-    lp = ops.token_logprobs(logits, tok)
+    lp = ops.token_logprobs(logits, tok, logprob_temperature)
     active = ~rec.done
     tok = jnp.where(active, tok, pad_id)
     lp = jnp.where(active, lp, 0.0)

@@ -161,14 +161,15 @@ def first_argmax(logits):
     return jnp.min(jnp.where(hit, ids, logits.shape[-1] - 1), axis=-1)
 
 
-def token_logprobs(logits, tokens):
-    """The policy's own log-prob of ``tokens [B]`` under ``logits [B, V]`` at temperature 1.
+def token_logprobs(logits, tokens, temperature=1.0):
+    """Log-prob of ``tokens [B]`` under ``softmax(logits [B, V] / temperature)``.
 
-    Deliberately not the temperature-scaled / filtered distribution: GRPO's importance ratio
-    compares against the trainer's plain log-softmax of the same fp32 logits. The picked logit minus
-    the row's log-sum-exp: the full [B, V] log-softmax is never written.
+    Never the top-k/top-p filtered distribution: GRPO's importance ratio compares against the
+    trainer's log-softmax of the same fp32 logits at the same temperature (TRL and verl divide
+    the logits by the sampling temperature in both places). The picked logit minus the row's
+    log-sum-exp: the full [B, V] log-softmax is never written.
     """
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32) / temperature
     picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
 

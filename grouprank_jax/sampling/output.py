@@ -25,7 +25,9 @@ class SamplerOutput:
 
     tokens: np.ndarray  # [N, max_new] int32, pad id after each row's end
     lengths: np.ndarray  # [N] int32, generated tokens including the stop id / stop string
-    logprobs: np.ndarray  # [N, max_new] fp32, log-softmax at temperature 1 of the sampled token; 0 after the end
+    # [N, max_new] fp32: each sampled token's log-prob (at the temperature the call's
+    # SamplingParams.logprob_temperature names); 0 after the end
+    logprobs: np.ndarray
     prompt_lengths: np.ndarray  # [N] int32
     finish_reasons: tuple[str, ...]  # "stop" (stop id or string) or "length"
     texts: tuple[str, ...] | None  # decoded completions (special tokens skipped) when a tokenizer is given

@@ -23,6 +23,10 @@ class SamplingParams:
     stop_token_ids: ids that end a completion; None takes the sampler's (``<|im_end|>``,
         ``<|endoftext|>`` by default). The id is part of the completion and its log-prob.
     ignore_eos: never stop on ids or strings (benchmarks that need equal lengths).
+    tempered_logprobs: return each sampled token's log-prob under ``softmax(logits /
+        temperature)``, the distribution it was drawn from before top-k/top-p (what GRPO's ratio
+        compares, as TRL and verl compute it); False: under the model's plain softmax (what
+        serving APIs report). Greedy calls always use the plain softmax.
     """
 
     temperature: float = 1.0
@@ -34,6 +38,7 @@ class SamplingParams:
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] | None = None
     ignore_eos: bool = False
+    tempered_logprobs: bool = False
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -58,3 +63,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature the returned log-probs are computed at."""
+        return self.temperature if self.tempered_logprobs and not self.greedy else 1.0

@@ -30,6 +30,28 @@ def test_blockwise_matches_naive(n_tokens, chunk):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [8, 1024])
+def test_temperature_is_trls_log_softmax_of_logits_over_t(chunk):
+    """GRPO's log-probs at sampling temperature T: TRL computes ``selective_log_softmax(logits /
+    T)`` (and the entropy of that distribution); here against float64 numpy."""
+    rng = np.random.default_rng(7)
+    head = rng.standard_normal((16, 300)) * 0.5
+    hidden = rng.standard_normal((3, 11, 16))
+    targets = rng.integers(0, 300, (3, 11))
+    t = 0.7
+    logits = hidden @ head / t
+    logits = logits - logits.max(-1, keepdims=True)
+    logp_all = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = np.take_along_axis(logp_all, targets[..., None], -1)[..., 0]
+    want_ent = -(np.exp(logp_all) * logp_all).sum(-1)
+    as32 = lambda x: jnp.asarray(x, jnp.float32)
+    logp, ent = token_logprobs(as32(head), as32(hidden), jnp.asarray(targets), chunk, temperature=t)
+    np.testing.assert_allclose(logp, want, atol=2e-5)
+    np.testing.assert_allclose(ent, want_ent, atol=2e-5)
+    naive, _ = naive_token_logprobs(as32(head), as32(hidden), jnp.asarray(targets), temperature=t)
+    np.testing.assert_allclose(naive, want, atol=2e-5)
+
+
 def test_blockwise_peak_memory_is_smaller():
     """Compiled temp memory of the loss+grad at 4096 tokens x 151936 vocab: blockwise holds one
     [chunk, vocab] block; naive holds [tokens, vocab] logits (2.3 GiB in fp32) and more."""

@@ -46,6 +46,9 @@ def test_first_update_ratio_is_one_and_drift_is_logged(tmp_path):
                 "group_size_max": 4,
                 "lora_rank": 4,
                 "lora_alpha": 8.0,
+                # Not 1: the sampler's old_logp and the update's logp must both be taken at the
+                # sampling temperature (TRL, verl), or the first ratio is not 1.
+                "temperature": 0.7,
             },
             "run_dir": str(tmp_path / "run"),
         }
@@ -54,6 +57,8 @@ def test_first_update_ratio_is_one_and_drift_is_logged(tmp_path):
     metrics = result.metrics[0]
     assert abs(metrics["grpo/first_ratio_mean"] - 1.0) <= 1e-5
     assert 0.0 <= metrics["grpo/logprob_drift"] <= 1e-4
+    # LoRA starts at B = 0: policy == reference, so the KL is 0 when both use the same temperature.
+    assert abs(metrics["grpo/kl"]) <= 1e-6, metrics["grpo/kl"]
     for key in ("grpo/reward_mean", "grpo/format_valid_rate", "grpo/entropy", "grpo/kl", "grpo/step_time_s"):
         assert key in metrics
     assert (tmp_path / "run" / "metrics.jsonl").exists()

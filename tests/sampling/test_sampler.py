@@ -101,6 +101,20 @@ def test_sampled_logprobs_match_teacher_forcing_and_one_prefill_serves_n(pair):
         )
     # The n rollouts of a prompt differ (the row index is folded into the key).
     assert len({tuple(out.tokens[j]) for j in range(n)}) > 1
+    # At temperature T, ``tempered_logprobs`` gives log softmax(logits / T) (GRPO's old_logp, as
+    # TRL / verl compute it); without it the plain softmax's. Same program (T is traced).
+    for tempered in (True, False):
+        params = SamplingParams(
+            temperature=0.6, top_k=40, n=n, seed=5, max_new_tokens=new, ignore_eos=True, tempered_logprobs=tempered
+        )
+        hot = sampler.generate(prompts, params)
+        seqs = np.concatenate([np.repeat(ids, n, axis=0), hot.tokens], axis=1)
+        scaled = np.asarray(forward(model, seqs, full_mask), np.float64)[:, ids.shape[1] - 1 : -1]
+        scaled = scaled / (0.6 if tempered else 1.0)
+        scaled = scaled - scaled.max(-1, keepdims=True)
+        scaled = scaled - np.log(np.exp(scaled).sum(-1, keepdims=True))
+        want = np.take_along_axis(scaled, hot.tokens[..., None], -1)[..., 0]
+        np.testing.assert_allclose(hot.logprobs, want, atol=1e-4)
 
 
 def test_greedy_n_rows_equal_single_and_seed_reproducibility(pair):
