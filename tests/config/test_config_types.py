@@ -5,7 +5,7 @@ and a value of the wrong kind is an error that names the key, before anything ru
 import jax.numpy as jnp
 import pytest
 
-from grouprank_jax.config.run import load_run_config
+from grouprank_jax.config.run import load_run_config, run_config_from_dict
 from grouprank_jax.rl.step import make_grpo_optimizer
 from grouprank_jax.sft.step import make_sft_optimizer
 
@@ -50,3 +50,11 @@ def test_a_value_of_the_wrong_type_names_the_key(override, message):
 def test_model_lora_keys_point_to_the_stage_that_uses_them(key):
     with pytest.raises(ValueError, match=rf"model\.{key} is set per stage: use sft\.{key} / grpo\.{key}"):
         load_run_config(CONFIG, [f"model.{key}=[q_proj]" if key == "lora_targets" else f"model.{key}=8"])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_round_trips_through_to_dict(path):
+    from grouprank_jax.config import to_dict
+
+    run = load_run_config(path)
+    assert run_config_from_dict(to_dict(run)) == run
