@@ -120,7 +120,8 @@ def test_micro_batches_equal_one_pass(agg):
     compare the gradients directly, and AdamW's first moments (``(1 - b1) * grad``) and second
     moments (``(1 - b2) * grad**2``) compare the optimizer state."""
     model = create_model(model_preset("tiny-smallvocab"), seed=7)
-    grpo = GRPOConfig(kl_coef=0.001, loss_agg_mode=agg)
+    # max_response_len: the rows complete <= 10 tokens (Dr.GRPO divides by it)
+    grpo = GRPOConfig(kl_coef=0.001, loss_agg_mode=agg, max_response_len=16)
     P, rows = _rollout_batch(np.random.default_rng(2))
     outs = {}
     for name, tx in (("sgd", optax.sgd(1.0)), ("adamw", make_optimizer(1e-3, 10, max_grad_norm=None))):
