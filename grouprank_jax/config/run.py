@@ -79,22 +79,19 @@ def _model_from_dict(section: dict[str, Any] | None, where: str) -> ModelConfig:
     unknown = sorted(set(section) - allowed)
     if unknown:
         raise ValueError(f"{where}: model: unknown keys {unknown}; allowed: ['preset'] + {sorted(allowed)}")
+    hints = field_types(ModelConfig)
+    values = {k: coerce(v, hints.get(k, Any), f"{where}: model.{k}") for k, v in section.items()}
     # The stages add their own adapters, so a model-level value would be ignored; the defaults
     # pass, so that a dumped config (``to_dict``) loads back.
-    hints = field_types(ModelConfig)
     default = ModelConfig()
-    per_stage = sorted(
-        k
-        for k in section
-        if k.startswith("lora_") and coerce(section[k], hints.get(k, Any), f"{where}: model.{k}") != getattr(default, k)
-    )
+    per_stage = sorted(k for k, v in values.items() if k.startswith("lora_") and v != getattr(default, k))
     if per_stage:
         raise ValueError(
             f"{where}: model.{per_stage[0]} is set per stage: use sft.{per_stage[0]} / grpo.{per_stage[0]} "
             "(grpo.lora_enabled switches RL's adapters)"
         )
     base = model_preset(preset) if preset else ModelConfig()
-    return base.replace(**{k: coerce(v, hints.get(k, Any), f"{where}: model.{k}") for k, v in section.items()})
+    return base.replace(**values)
 
 
 def run_config_from_dict(tree: dict[str, Any], where: str = "run config") -> RunConfig:

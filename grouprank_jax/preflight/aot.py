@@ -34,7 +34,7 @@ from grouprank_jax.parallel.mesh import (
     resolve_mesh_shape,
     tpu_reserved_hbm_options,
 )
-from grouprank_jax.preflight.memory import function_estimates
+from grouprank_jax.preflight.memory import function_estimates, stage_model
 from grouprank_jax.preflight.report import CompiledFunction, CompileReport
 from grouprank_jax.preflight.topology import Topology, topology_devices
 from grouprank_jax.rl.losses import loss_kwargs
@@ -117,12 +117,7 @@ def _spec(mesh: Mesh, shape, dtype, names) -> jax.ShapeDtypeStruct:
 def sft_jobs(run, mesh: Mesh) -> list[CompileJob]:
     """The SFT trainer's step, as ``train_sft`` builds it, over abstract sharded state."""
     sft = run.sft
-    lora = sft.lora_rank > 0
-    model_cfg = (
-        run.model.replace(lora_rank=sft.lora_rank, lora_alpha=sft.lora_alpha, lora_targets=tuple(sft.lora_targets))
-        if lora
-        else run.model.replace(lora_rank=0)
-    )
+    model_cfg, lora = stage_model(run, "sft")
     tx = make_sft_optimizer(sft, total_steps=1000)  # the schedule's length does not change the program
     state = abstract_train_state(model_cfg, mesh, tx, lora)
     rows = sft.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"]
@@ -145,12 +140,7 @@ def grpo_jobs(run, mesh: Mesh) -> list[CompileJob]:
     """The GRPO trainer's update and reference log-probs and the sampler's prefill and decode, as
     ``train_grpo`` builds them, at the largest buckets the config allows."""
     grpo = run.grpo
-    lora = grpo.lora_enabled
-    model_cfg = (
-        run.model.replace(lora_rank=grpo.lora_rank, lora_alpha=grpo.lora_alpha, lora_targets=tuple(grpo.lora_targets))
-        if lora
-        else run.model.replace(lora_rank=0)
-    )
+    model_cfg, lora = stage_model(run, "grpo")
     tx = make_grpo_optimizer(grpo, total_updates=1000)
     state = abstract_train_state(model_cfg, mesh, tx, lora)
     G = grpo.rollouts_per_prompt

@@ -181,17 +181,12 @@ def kv_cache_bytes(s: ModelShape, rows: int, slots: int) -> float:
 
 def stage_model(run, stage: str) -> tuple[ModelConfig, bool]:
     """The model config a stage trains (LoRA adapters added per its section) and whether LoRA."""
-    cfg = run.model
-    if stage == "sft" and run.sft.lora_rank:
-        return (
-            cfg.replace(lora_rank=run.sft.lora_rank, lora_alpha=run.sft.lora_alpha, lora_targets=run.sft.lora_targets),
-            True,
-        )
-    if stage == "grpo" and run.grpo.lora_enabled:
-        return cfg.replace(
-            lora_rank=run.grpo.lora_rank, lora_alpha=run.grpo.lora_alpha, lora_targets=tuple(run.grpo.lora_targets)
-        ), True
-    return cfg.replace(lora_rank=0), False
+    section = run.sft if stage == "sft" else run.grpo
+    lora = bool(run.sft.lora_rank) if stage == "sft" else run.grpo.lora_enabled
+    if not lora:
+        return run.model.replace(lora_rank=0), False
+    adapters = dict(lora_rank=section.lora_rank, lora_alpha=section.lora_alpha, lora_targets=section.lora_targets)
+    return run.model.replace(**adapters), True
 
 
 def _div(a: int, b: int) -> int:

@@ -1,9 +1,10 @@
 """One decode step's bookkeeping, as pure functions of the loop state (jitted inside the Sampler).
 
 A step turns the rows' next-token logits into a sampled token, its log-prob (under the plain
-softmax, or at the sampling temperature: ``SamplingParams.tempered_logprobs``), and the per-row state that
-decides when a row is done: a stop id, a stop token sequence, or ``max_new`` tokens. Finished rows
-stop changing (pad token, log-prob 0, length frozen), so the loop can run until every row is done.
+softmax, or at the sampling temperature: ``SamplingParams.tempered_logprobs``), and the per-row
+state that decides when a row is done: a stop id, a stop token sequence, or ``max_new`` tokens.
+Finished rows stop changing (pad token, log-prob 0, length frozen), so the loop can run until
+every row is done.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from grouprank_jax.config.model import LORA_TARGETS
+
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
@@ -25,7 +27,7 @@ class SFTConfig:
     lora_rank: int = 0  # full fine-tuning for 7B, LoRA for 32B [paper Table 8]
     lora_alpha: float = 32.0
     # [INFERRED] the paper names no SFT targets; all linear layers, as its RL stage [Table 10].
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def replace(self, **changes) -> SFTConfig:
         return dataclasses.replace(self, **changes)
