@@ -26,6 +26,9 @@ def run_workers(worker: str, num_processes: int, *args: str, timeout: float = 12
             GROUPRANK_COORDINATOR=f"127.0.0.1:{port}",
             GROUPRANK_NUM_PROCESSES=str(num_processes),
             GROUPRANK_PROCESS_ID=str(i),
+            # CI runs these workers beside pytest -n 2 on 2 cores; a process starved of CPU for
+            # JAX's default 100 s would otherwise get both workers stopped by the coordinator.
+            GROUPRANK_HEARTBEAT_TIMEOUT="600",
         )
         if num_processes == 1:
             env.update(GROUPRANK_NUM_PROCESSES="1", GROUPRANK_COORDINATOR="")

@@ -11,6 +11,10 @@ Where the layout comes from, first match wins:
 3. JAX's own cluster detection (TPU VM metadata, SLURM, Open MPI) via
    ``jax.distributed.initialize()`` with no arguments, when those environments are detected;
 4. otherwise a single process: nothing to do.
+
+``GROUPRANK_HEARTBEAT_TIMEOUT`` (seconds, JAX's default 100) sets how long the coordination
+service waits for a silent process before it stops the whole job. Raise it where hosts are
+oversubscribed (CI runners, shared login nodes) and a busy process can miss heartbeats.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _ENV_COORD, _ENV_NUM, _ENV_ID = "GROUPRANK_COORDINATOR", "GROUPRANK_NUM_PROCESSES", "GROUPRANK_PROCESS_ID"
 _ENV_LOCAL_DEVICES = "GROUPRANK_LOCAL_DEVICE_IDS"
+_ENV_HEARTBEAT = "GROUPRANK_HEARTBEAT_TIMEOUT"
 # Markers of clusters whose layout jax.distributed.initialize() discovers by itself.
 # (multi-host TPU VMs are recognised by their worker list, see _multi_host_tpu).
 _AUTO_MARKERS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -74,6 +79,9 @@ def initialize_distributed(
     if local_device_ids is None and os.environ.get(_ENV_LOCAL_DEVICES):
         local_device_ids = [int(x) for x in os.environ[_ENV_LOCAL_DEVICES].split(",")]
 
+    heartbeat = _env_int(_ENV_HEARTBEAT)
+    timeouts = {} if heartbeat is None else {"heartbeat_timeout_seconds": heartbeat}
+
     explicit = (coordinator_address, num_processes, process_id)
     if any(x is not None for x in explicit):
         if num_processes == 1 and coordinator_address is None:
@@ -93,10 +101,11 @@ def initialize_distributed(
             num_processes=num_processes,
             process_id=process_id,
             local_device_ids=local_device_ids,
+            **timeouts,
         )
     elif _multi_host_tpu() or any(m in os.environ for m in _AUTO_MARKERS):
         # JAX reads the layout from the TPU metadata server / SLURM / MPI variables.
-        jax.distributed.initialize(local_device_ids=local_device_ids)
+        jax.distributed.initialize(local_device_ids=local_device_ids, **timeouts)
     _initialized = True
     _log_layout()
     return jax.process_count() > 1

@@ -7,6 +7,9 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
+
+from grouprank_jax.parallel import distributed as dist
 
 from mp_workers import run_workers
 
@@ -64,3 +67,26 @@ def test_two_processes_match_one():
         assert r["metrics"]["pid"] == 0.5  # mean of process ids 0 and 1
     assert single["n"] == 1 and single["devices"] == 8
     assert elapsed < 60, f"multi-process test took {elapsed:.1f}s"
+
+
+def test_heartbeat_timeout_reaches_jax(monkeypatch):
+    """GROUPRANK_HEARTBEAT_TIMEOUT becomes jax.distributed.initialize's heartbeat_timeout_seconds.
+
+    jax.distributed.initialize is replaced by a recorder (a test double): the real one would join
+    a coordinator, which the two-process tests above exercise.
+    """
+    calls = []
+    monkeypatch.setattr(dist, "_initialized", False)
+    monkeypatch.setattr(dist.jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("GROUPRANK_HEARTBEAT_TIMEOUT", "600")
+    dist.initialize_distributed("127.0.0.1:1", 2, 0)
+    assert calls[-1]["heartbeat_timeout_seconds"] == 600
+    monkeypatch.setattr(dist, "_initialized", False)
+    monkeypatch.delenv("GROUPRANK_HEARTBEAT_TIMEOUT")
+    dist.initialize_distributed("127.0.0.1:1", 2, 0)
+    assert "heartbeat_timeout_seconds" not in calls[-1]  # JAX's own default
+    monkeypatch.setattr(dist, "_initialized", False)
+    monkeypatch.setenv("GROUPRANK_HEARTBEAT_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="GROUPRANK_HEARTBEAT_TIMEOUT"):
+        dist.initialize_distributed("127.0.0.1:1", 2, 0)
