@@ -238,6 +238,9 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
             temperature=cfg.grpo_temperature,
             max_prompt_len=max_prompt_len,
             max_response_len=cfg.max_new_tokens,
+            # The demo's few bundled records repeat every epoch: redraw reshuffles each one's
+            # document order per step, so the tiny model cannot learn answer positions.
+            group_sampling="redraw",
             group_size_min=cfg.data.min_group,
             group_size_max=cfg.data.max_group,
             lora_rank=cfg.grpo_lora_rank,

@@ -13,6 +13,8 @@ import dataclasses
 from grouprank_jax.rl.advantages import ADVANTAGE_FNS
 from grouprank_jax.rl.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 
+GROUP_SAMPLING = ("as_written", "redraw")
+
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
@@ -87,8 +89,14 @@ class GRPOConfig:
     )
 
     # ---- document-group size (multi-scale, paper Alg. 1) ------------------------------
-    group_size_min: int = 5  # RL data mixes group sizes 5..20 [paper-notes §5, Alg. 1]
-    group_size_max: int = 20  # [paper-notes §5]
+    # "as_written": each RL record is one prompt's group, in its order: the paper's RL set
+    # carries Alg. 1's size mix (~40% size 10, ~40% size 20) [paper-notes §5 "Data sizes"],
+    # which `grouprank synth` writes. "redraw": each step draws a size in
+    # [group_size_min, group_size_max] and a random subset of the record (augmentation,
+    # the curriculum) [INFERRED option, not the paper's].
+    group_sampling: str = "as_written"
+    group_size_min: int = 5  # redraw: smallest size; Alg. 1's G in {5..20} [paper-notes §5]
+    group_size_max: int = 20  # largest group a record may hold / redraw to [paper-notes §5]
     group_size_curriculum: bool = False  # off: the paper samples sizes, no curriculum
     curriculum_steps: int = 0  # linear min->max ramp length when the curriculum is on
 
@@ -98,6 +106,9 @@ class GRPOConfig:
         _check_choice("kl_estimator", self.kl_estimator, tuple(KL_ESTIMATORS))
         _check_choice("loss_agg_mode", self.loss_agg_mode, tuple(AGGREGATIONS))
         _check_choice("policy_loss", self.policy_loss, tuple(POLICY_LOSSES))
+        _check_choice("group_sampling", self.group_sampling, GROUP_SAMPLING)
+        if self.group_size_curriculum and self.group_sampling != "redraw":
+            raise ValueError("group_size_curriculum needs group_sampling: redraw (it ramps the drawn size)")
         if self.rollouts_per_prompt < 2 and self.advantage == "grpo":
             # ddof=1 std of one sample is undefined; GRPO needs a group to compare within.
             raise ValueError("advantage='grpo' needs rollouts_per_prompt >= 2")

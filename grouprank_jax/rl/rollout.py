@@ -26,13 +26,38 @@ class Group:
     gold: tuple[float, ...]  # teacher scores (0..10) of ``docs``, in prompt order
 
 
-def sample_group(record: Mapping[str, Any], size_range: tuple[int, int], rng: random.Random) -> Group:
-    """A multi-scale training group (paper Alg. 1): a size drawn from ``size_range`` (capped by
-    the record's documents), a random subset of that size, in shuffled prompt order."""
+def _docs_and_gold(record: Mapping[str, Any]) -> tuple[list[str], Sequence[float]]:
     docs = [d["text"] if isinstance(d, Mapping) else str(d) for d in record["documents"]]
     gold = record.get("gold") or record.get("scores")
     if gold is None:
         raise ValueError(f"{record.get('source', '<record>')}: an RL record needs gold labels (gold or scores)")
+    return docs, gold
+
+
+def record_group(record: Mapping[str, Any]) -> Group:
+    """The record's own group, documents in its order (``group_sampling: as_written``): ``grouprank
+    synth`` already drew its size from Alg. 1's mix and shuffled it."""
+    docs, gold = _docs_and_gold(record)
+    return Group(record["query"], tuple(docs), tuple(float(g) for g in gold))
+
+
+def check_group_sizes(records: Sequence[Mapping[str, Any]], max_size: int) -> None:
+    """``as_written`` prompts hold whole records: refuse one over ``max_size`` documents before
+    any compile, instead of rendering (and truncating) a prompt of its whole candidate pool."""
+    for record in records:
+        if len(record["documents"]) > max_size:
+            raise ValueError(
+                f"{record.get('source') or '<record>'}: an RL record of {len(record['documents'])} documents, "
+                f"over grpo.group_size_max={max_size}. With group_sampling: as_written each record is one "
+                "prompt's group; write groups with `grouprank synth`, raise group_size_max, or set "
+                "grpo.group_sampling: redraw to draw sub-groups per step"
+            )
+
+
+def sample_group(record: Mapping[str, Any], size_range: tuple[int, int], rng: random.Random) -> Group:
+    """A multi-scale training group (``group_sampling: redraw``): a size drawn from ``size_range``
+    (capped by the record's documents), a random subset of that size, in shuffled prompt order."""
+    docs, gold = _docs_and_gold(record)
     low, high = size_range
     size = min(len(docs), rng.randint(low, high))
     picked = rng.sample(range(len(docs)), size)  # a random subset, already in shuffled order

@@ -33,7 +33,15 @@ from grouprank_jax.parallel.distributed import gather_rows, global_sum
 from grouprank_jax.parallel.mesh import per_chip_bytes, tpu_reserved_hbm_options
 from grouprank_jax.rl.advantages import group_advantages
 from grouprank_jax.rl.losses import loss_kwargs
-from grouprank_jax.rl.rollout import STOP_STRING, assemble_rows, build_prompts, sample_group, score_rollouts
+from grouprank_jax.rl.rollout import (
+    STOP_STRING,
+    assemble_rows,
+    build_prompts,
+    check_group_sizes,
+    record_group,
+    sample_group,
+    score_rollouts,
+)
 from grouprank_jax.rl.step import make_grpo_optimizer, make_grpo_update, make_logprob_fn
 from grouprank_jax.sampling import Sampler, SamplingParams
 from grouprank_jax.tokenizer import load_tokenizer
@@ -80,6 +88,8 @@ def train_grpo(
     _check_batch_split(grpo, mesh)
     tokenizer = tokenizer or load_tokenizer()
     records = stage_records(records, cfg.data.rl_train, "rl", "rl_train")
+    if grpo.group_sampling == "as_written":
+        check_group_sizes(records, grpo.group_size_max)
     model = model if model is not None else initial_model(cfg.init_from, cfg.model, mesh, seed=cfg.seed)
     lora = grpo.lora_enabled
     if lora:
@@ -114,12 +124,15 @@ def train_grpo(
         first_row = jax.process_index() * prompts_per_process  # global index of this process's first prompt
         # One stream per (step, global prompt): the group drawn for a prompt does not depend on
         # which process holds it.
-        groups = [
-            sample_group(
-                r, grpo.group_size_range(state.step), random.Random(f"{cfg.seed}:{state.step}:{first_row + i}")
-            )
-            for i, r in enumerate(batch_records)
-        ]
+        if grpo.group_sampling == "as_written":
+            groups = [record_group(r) for r in batch_records]
+        else:
+            groups = [
+                sample_group(
+                    r, grpo.group_size_range(state.step), random.Random(f"{cfg.seed}:{state.step}:{first_row + i}")
+                )
+                for i, r in enumerate(batch_records)
+            ]
         prompts = build_prompts(tokenizer, groups, cfg.prompt.preset, cfg.prompt.max_doc_chars, grpo.max_prompt_len)
         sampler.model = state.model  # the freshly updated arrays, no copy
         out = sampler.generate(

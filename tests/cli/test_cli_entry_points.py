@@ -138,6 +138,7 @@ def test_export_hf_from_a_lora_grpo_run_dir(tmp_path):
                 "mini_batch_prompts": 2,
                 "max_prompt_len": 256,
                 "max_response_len": 8,
+                "group_sampling": "redraw",
                 "group_size_min": 3,
                 "group_size_max": 4,
                 "lora_rank": 4,

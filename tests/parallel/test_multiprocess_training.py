@@ -51,7 +51,8 @@ WORKER = textwrap.dedent(
         "sft": {"per_device_batch": 1, "max_seq_len": 128, "length_buckets": [128],
                 "total_steps": 2, "learning_rate": 1e-3},
         "grpo": {"rollouts_per_prompt": 2, "global_batch_prompts": 4, "mini_batch_prompts": 2, "max_prompt_len": 128,
-                 "max_response_len": 12, "group_size_min": 3, "group_size_max": 4, "learning_rate": 1e-3,
+                 "max_response_len": 12, "group_sampling": "redraw", "group_size_min": 3, "group_size_max": 4,
+                 "learning_rate": 1e-3,
                  "kl_coef": 0.001, "entropy_coef": 0.05},
         "checkpoint": {"save_every": 1, "keep": 2},
     })

@@ -29,7 +29,8 @@ ROWS = [
 ]
 
 
-def test_first_update_ratio_is_one_and_drift_is_logged(tmp_path):
+def test_first_update_ratio_is_one_and_drift_is_logged(tmp_path, monkeypatch):
+    from grouprank_jax.rl import trainer as rl_trainer
     from grouprank_jax.rl.trainer import train_grpo
 
     cfg = run_config_from_dict(
@@ -42,8 +43,7 @@ def test_first_update_ratio_is_one_and_drift_is_logged(tmp_path):
                 "mini_batch_prompts": 2,
                 "max_prompt_len": 256,
                 "max_response_len": 16,
-                "group_size_min": 3,
-                "group_size_max": 4,
+                "group_size_max": 5,  # group_sampling: as_written (the default) takes each record whole
                 "lora_rank": 4,
                 "lora_alpha": 8.0,
                 # Not 1: the sampler's old_logp and the update's logp must both be taken at the
@@ -53,7 +53,17 @@ def test_first_update_ratio_is_one_and_drift_is_logged(tmp_path):
             "run_dir": str(tmp_path / "run"),
         }
     )
-    result = train_grpo(cfg, records=records_from_rows(ROWS, purpose="rl"), max_steps=1, progress=False)
+    prompted = []  # the groups the trainer renders: the records as written (paper-notes §5)
+    real_build_prompts = rl_trainer.build_prompts
+    monkeypatch.setattr(
+        rl_trainer,
+        "build_prompts",
+        lambda tok, groups, *a: prompted.extend(groups) or real_build_prompts(tok, groups, *a),
+    )
+    records = records_from_rows(ROWS, purpose="rl")
+    result = train_grpo(cfg, records=records, max_steps=1, progress=False)
+    written = {(r["query"], tuple(d["text"] for d in r["documents"]), tuple(r["gold"])) for r in records}
+    assert len(prompted) == 2 and all((g.query, g.docs, g.gold) in written for g in prompted)
     metrics = result.metrics[0]
     assert abs(metrics["grpo/first_ratio_mean"] - 1.0) <= 1e-5
     assert 0.0 <= metrics["grpo/logprob_drift"] <= 1e-4
@@ -178,3 +188,20 @@ def test_mini_batches_are_strided_over_prompts():
         owner = np.repeat(np.arange(processes), 16 // processes)
         for m in minis:
             assert len(set(np.bincount(owner[m], minlength=processes).tolist())) == 1
+
+
+def test_as_written_refuses_a_record_over_group_size_max(tmp_path):
+    """A whole candidate pool as one RL prompt is refused with its location before any compile."""
+    from grouprank_jax.rl.trainer import train_grpo
+
+    cfg = run_config_from_dict(
+        {
+            "model": {"preset": "tiny"},
+            "grpo": {"group_size_min": 4, "group_size_max": 4},
+            "run_dir": str(tmp_path / "run"),
+        }
+    )
+    records = records_from_rows(ROWS, purpose="rl")
+    with pytest.raises(ValueError, match=r"of 5 documents, over grpo.group_size_max=4.*group_sampling: redraw") as err:
+        train_grpo(cfg, records=records, max_steps=1, progress=False)
+    assert str(err.value).startswith(records[0]["source"])

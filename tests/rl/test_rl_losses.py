@@ -300,8 +300,8 @@ def test_config_defaults_are_the_paper_values():
     assert cfg.loss_agg_mode == "token-mean"
     assert (cfg.lora_rank, cfg.lora_alpha, len(cfg.lora_targets)) == (32, 32, 7)
     assert cfg.updates_per_rollout_batch == 1 and cfg.dual_clip is None and cfg.entropy_coef == 0.0
-    assert cfg.group_size_range(0) == (5, 20)
-    ramp = cfg.replace(group_size_curriculum=True, curriculum_steps=100)
+    assert cfg.group_sampling == "as_written" and cfg.group_size_range(0) == (5, 20)
+    ramp = cfg.replace(group_sampling="redraw", group_size_curriculum=True, curriculum_steps=100)
     assert ramp.group_size_range(0) == (5, 5) and ramp.group_size_range(50) == (5, 12)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.kl_coef = 0.0  # type: ignore[misc]
@@ -315,6 +315,8 @@ def test_config_defaults_are_the_paper_values():
         dict(advantage="ppo"),
         dict(dual_clip=1.0),
         dict(mini_batch_prompts=48),
+        dict(group_sampling="shuffle"),
+        dict(group_size_curriculum=True, curriculum_steps=10),  # the curriculum ramps redrawn sizes
     ],
 )
 def test_config_rejects_bad_values(bad):

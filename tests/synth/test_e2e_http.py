@@ -122,6 +122,7 @@ def _train_config(run_dir, stage: str) -> dict:
             "mini_batch_prompts": 1,
             "max_prompt_len": 256,
             "max_response_len": 8,
+            "group_sampling": "redraw",  # synth's groups hold up to 20 documents; 3-5 keep this cheap
             "group_size_min": 3,
             "group_size_max": 5,
             "lora_rank": 4,

@@ -39,6 +39,7 @@ def _grpo_cfg(run_dir):
             "mini_batch_prompts": 2,
             "max_prompt_len": 256,
             "max_response_len": 8,
+            "group_sampling": "redraw",  # a per-step random draw must resume identically
             "group_size_min": 3,
             "group_size_max": 5,
             "lora_enabled": False,
