@@ -101,7 +101,12 @@ class Checkpointer:
     """
 
     def __init__(
-        self, directory: str | os.PathLike, save_every: int = 1000, keep: int | None = 3, async_save: bool = True
+        self,
+        directory: str | os.PathLike,
+        save_every: int = 1000,
+        keep: int | None = 3,
+        async_save: bool = True,
+        read_only: bool = False,
     ):
         if save_every < 1:
             raise ValueError(f"save_every={save_every} must be >= 1")
@@ -112,12 +117,16 @@ class Checkpointer:
         if not str(directory).startswith(("gs://", "s3://")):
             self.directory = self.directory.absolute()
         self.save_every = save_every
+        # A reader (export, rerank, a later stage's init_from) may run beside the job that writes
+        # these steps: it falls back past a step it cannot read but never moves one aside.
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             # The save policy is ours (``save``), so Orbax is told to accept every step we pass.
             save_interval_steps=1,
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
         )
         self._mgr = ocp.CheckpointManager(self.directory, options=options)
 
@@ -141,6 +150,8 @@ class Checkpointer:
         preemption right after a periodic save of the same step).
         """
         step = int(step)
+        if self.read_only:
+            raise PermissionError(f"{self.directory} was opened read-only")
         if step in self._mgr.all_steps():
             return False
         if not force and step % self.save_every:
@@ -160,7 +171,9 @@ class Checkpointer:
         return bool(saved)
 
     # -- restore -------------------------------------------------------------------------------
-    def restore(self, step: int | None = None, target: Any = None, data_iterator: Any = None) -> Restored:
+    def restore(
+        self, step: int | None = None, target: Any = None, data_iterator: Any = None, partial: bool = False
+    ) -> Restored:
         """Restore ``step`` (default: the latest) onto the shardings given by ``target``.
 
         ``target`` is a pytree matching the saved state whose leaves are
@@ -168,12 +181,15 @@ class Checkpointer:
         concrete arrays, whose shardings are used); values are resharded on read, so the saving
         mesh does not matter. Without ``target`` arrays come back with the saved shardings, which
         only works on the same device set. ``data_iterator`` (a fresh iterator over the same
-        dataset) has its position set in place.
+        dataset) has its position set in place. ``partial=True`` reads only the sub-tree that
+        ``target`` names (e.g. ``{"trainable": ...}`` without the optimizer state), for readers
+        that need the weights on a device set other than the one that saved them.
 
         With ``step=None``, a step that fails to restore (missing or damaged files) is reported
         with a warning and the previous one is tried; once an older step restores with the same
         target - proving the target itself is fine - the failed newer steps are moved to
-        ``<directory>/quarantine/`` so that training can save those step numbers again.
+        ``<directory>/quarantine/`` so that training can save those step numbers again (not
+        by a ``read_only`` Checkpointer).
         An explicit ``step`` is never substituted: its error propagates.
         """
         self._mgr.reload()  # another process/job may have written steps since we started
@@ -183,7 +199,7 @@ class Checkpointer:
         if step is not None:
             if int(step) not in steps:
                 raise FileNotFoundError(f"step {step} not in {self.directory}; available: {steps}")
-            return self._restore_step(int(step), target, data_iterator)
+            return self._restore_step(int(step), target, data_iterator, partial)
 
         failed: list[int] = []
         first_error: Exception | None = None
@@ -191,13 +207,13 @@ class Checkpointer:
             error: Exception | None = None
             result = None
             try:
-                result = self._restore_step(candidate, target, data_iterator)
+                result = self._restore_step(candidate, target, data_iterator, partial)
             # Orbax/tensorstore surface damage as many exception types (ValueError from
             # tensorstore, OSError/FileNotFoundError, KeyError/JSONDecodeError from metadata).
             except (ValueError, OSError, KeyError, TypeError, RuntimeError) as err:
                 error = err
             if _all_processes_ok(error is None):
-                if failed:
+                if failed and not self.read_only:
                     self._quarantine(failed)
                 return result  # type: ignore[return-value]
             first_error = first_error or error
@@ -217,11 +233,17 @@ class Checkpointer:
             f"shapes or dtypes). First error: {first_error}"
         ) from first_error
 
-    def _restore_step(self, step: int, target: Any, data_iterator: Any) -> Restored:
+    def _restore_step(self, step: int, target: Any, data_iterator: Any, partial: bool = False) -> Restored:
         present = set(self._item_names(step))
-        items: dict[str, Any] = {
-            "state": ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
-        }
+        if partial:
+            if target is None:
+                raise ValueError("a partial restore needs the target sub-tree to read")
+            state_args = ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+            )
+        else:
+            state_args = ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+        items: dict[str, Any] = {"state": state_args}
         if data_iterator is not None:
             if "data" not in present:
                 raise MissingItemError(

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -24,6 +23,7 @@ from grouprank_jax.config import ModelConfig
 from grouprank_jax.models.build import create_model, state_shardings, variable_sharding
 from grouprank_jax.models.lora import merged_kernels
 from grouprank_jax.models.qwen2 import Qwen2ForCausalLM
+from grouprank_jax.parallel.mesh import single_device_mesh
 from grouprank_jax.training.state import split_model
 from grouprank_jax.weights.hf_io import load_hf
 from grouprank_jax.weights.orbax_io import CONFIG_FILE, abstract_model, load_params, read_model_config
@@ -83,12 +83,22 @@ def load_trained_model(run_dir: str | Path, step: int | None = None, mesh: Mesh 
         model = rebuild_with_config(base, cfg, mesh, 0)
     else:
         model = abstract_model(cfg, mesh)
-    with Checkpointer(run_dir / "checkpoints", async_save=False) as ckpt:
+    graphdef, trainable, frozen = split_model(model, lora)
+    # Only the trainable weights, straight onto this process's mesh: the run may have been saved
+    # on another device set (a pod slice, exported on one host), and its optimizer state is not
+    # needed here.
+    shardings = state_shardings(trainable, mesh or single_device_mesh())
+    target = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s),
+        trainable,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    ).to_pure_dict()
+    with Checkpointer(run_dir / "checkpoints", async_save=False, read_only=True) as ckpt:
         if ckpt.latest_step() is None:
             raise NotACheckpointError(f"{run_dir / 'checkpoints'} holds no finished checkpoint")
-        restored = ckpt.restore(step)  # no target: the optimizer layout is not needed for the params
-    graphdef, trainable, frozen = split_model(model, lora)
-    trainable.replace_by_pure_dict(jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restored.state["trainable"]))
+        restored = ckpt.restore(step, target={"trainable": target}, partial=True)
+    trainable.replace_by_pure_dict(restored.state["trainable"])
     return nnx.merge(graphdef, trainable, frozen)
 
 

@@ -165,6 +165,32 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, how):
         assert ckpt.save(2, new, force=True)
 
 
+def test_read_only_reader_falls_back_but_moves_nothing(tmp_path):
+    """export/rerank read a run that may still be training: never move its steps aside."""
+    old, new = _state(), jax.tree.map(lambda x: x + 1, _state())
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, old, force=True)
+        ckpt.save(2, new, force=True)
+    _damage(tmp_path / "2", "garble_metadata")
+    with Checkpointer(tmp_path, async_save=False, read_only=True) as ckpt:
+        with pytest.warns(RuntimeWarning, match="step 2 .*falling back to step 1"):
+            out = ckpt.restore(target=_abstract(old))
+        assert out.step == 1 and ckpt.all_steps() == [1, 2]
+        with pytest.raises(PermissionError, match="read-only"):
+            ckpt.save(3, old, force=True)
+    assert (tmp_path / "2").is_dir() and not (tmp_path / QUARANTINE_DIR).exists()
+
+
+def test_partial_restore_reads_only_the_named_subtree(tmp_path):
+    state = _state()
+    with Checkpointer(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, state, force=True)
+    with Checkpointer(tmp_path, async_save=False, read_only=True) as ckpt:
+        out = ckpt.restore(target={"params": _abstract(state["params"])}, partial=True)
+    assert set(out.state) == {"params"}
+    _assert_bit_equal(state["params"], out.state["params"])
+
+
 def test_wrong_target_does_not_quarantine_good_steps(tmp_path):
     with Checkpointer(tmp_path, async_save=False) as ckpt:
         ckpt.save(1, _state(), force=True)
