@@ -62,9 +62,21 @@ def _json_value(x: float | int) -> float | int | str:
 
 
 class MetricsLogger:
-    """Write scalars to ``run_dir/metrics.jsonl`` and TensorBoard ``run_dir/tb``."""
+    """Write scalars to ``run_dir/metrics.jsonl`` and TensorBoard ``run_dir/tb``.
 
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool | None = None, tensorboard: bool = True):
+    ``resume_step``: the step the run (re)starts from. Records of later steps, logged before a
+    kill but after the last checkpoint, are dropped from the JSONL and purged from TensorBoard,
+    since the resumed run logs those steps again; a torn last line is cut, so the next record
+    starts on a line of its own.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        enabled: bool | None = None,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ):
         if enabled is None:
             enabled = jax.process_index() == 0
         self.run_dir = Path(run_dir)
@@ -74,11 +86,14 @@ class MetricsLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            _truncate_after(self.run_dir / METRICS_FILE, resume_step)
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=str(self.run_dir / TB_DIR), flush_secs=30)
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(logdir=str(self.run_dir / TB_DIR), flush_secs=30, purge_step=purge)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record ``metrics`` (name -> scalar) at ``step``; a no-op when disabled."""
@@ -113,6 +128,29 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the complete records of ``path`` up to ``step`` (atomically rewritten)."""
+    if not path.exists():
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    kept, dropped = [], 0
+    for line in text.split("\n")[:-1]:  # what follows the last newline is a torn write
+        try:
+            record_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            record_step = None  # a damaged line: kept, ``read_metrics`` skips it
+        if isinstance(record_step, int) and record_step > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    torn = not text.endswith("\n") and text != ""
+    if dropped or torn:
+        log.info("%s: resuming at step %d, dropped %d later record(s)%s", path, step, dropped, ", a torn line" * torn)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def _from_json(value: Any) -> float | None:

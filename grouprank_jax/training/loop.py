@@ -84,7 +84,7 @@ def _loop(stage, state, data_iter, total_steps, step_fn, run_dir, checkpoint, st
     if ckpt.latest_step() is not None:
         state = apply_restored(state, ckpt.restore(target=restore_target(state), data_iterator=data_iter).state)
         log.info("%s: resumed from step %d", stage, state.step)
-    logger = MetricsLogger(run_dir.root)
+    logger = MetricsLogger(run_dir.root, resume_step=state.step)
     history: list[dict] = []
     bar = progress_bar(progress, total_steps, state.step, stage)
     try:

@@ -54,6 +54,22 @@ def test_resume_appends_and_later_step_wins(tmp_path):
     assert steps == [1, 2, 3, 4, 5] and values[2] == 9.0
 
 
+def test_resume_step_drops_later_records_and_a_torn_line(tmp_path):
+    """Killed at step 5 mid-write after a checkpoint at 3: the resumed run's steps 4.. are the
+    only records of those steps, and its first record is not glued onto the torn line."""
+    _write_run(tmp_path)
+    with open(tmp_path / METRICS_FILE, "a") as f:
+        f.write('{"step": 11, "grpo/rew')
+    with MetricsLogger(tmp_path, enabled=True, tensorboard=False, resume_step=3) as logger:
+        for step in (4, 5):
+            logger.log(step, {"sft/loss": 10.0 + step})
+    lines = [json.loads(x) for x in (tmp_path / METRICS_FILE).read_text().splitlines()]  # all complete
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]
+    steps, values = read_metrics(tmp_path)["sft/loss"]
+    assert steps == [1, 2, 3, 4, 5] and values == pytest.approx([2.0, 1.0, 2.0 / 3, 14.0, 15.0])
+    assert "grpo/reward" not in read_metrics(tmp_path)
+
+
 def test_disabled_writes_nothing_and_bad_values_are_explained(tmp_path):
     MetricsLogger(tmp_path / "off", enabled=False).log(1, {"x": 1.0})
     assert not (tmp_path / "off").exists()
