@@ -5,10 +5,14 @@
 #   gcloud compute tpus tpu-vm create grouprank-sft --zone us-east5-a \
 #       --accelerator-type v5p-64 --version v2-alpha-tpuv5
 #   grouprank plan --config configs/sft_qwen2.5-7b_v5p-64.yaml --topology v5p-64   # on a laptop
+#   gcloud compute tpus tpu-vm ssh grouprank-sft --zone us-east5-a --worker=all \
+#       --command "mkdir -p /tmp/gcs && gcsfuse --implicit-dirs my-bucket /tmp/gcs"
 #   TPU_NAME=grouprank-sft ZONE=us-east5-a RUN_DIR=gs://my-bucket/runs/sft-7b \
 #     launch/tpu_pod.sh --ref main -- \
-#     grouprank sft --config configs/sft_qwen2.5-7b_v5p-64.yaml run_dir=gs://my-bucket/runs/sft-7b
-#   Logs: ./logs/grouprank-sft/worker-{0..7}.log here, and gs://my-bucket/runs/sft-7b/logs/.
+#     grouprank sft --config configs/sft_qwen2.5-7b_v5p-64.yaml run_dir=/tmp/gcs/runs/sft-7b
+#   The run directory is the bucket mounted at the same path on every worker (grouprank reads
+#   and writes file-system paths; a gs:// run_dir is refused). Logs: ./logs/grouprank-sft/
+#   worker-{0..7}.log here, and gs://my-bucket/runs/sft-7b/logs/ (RUN_DIR, copied with gsutil).
 #
 # Multi-slice (e.g. two v6e-256 slices, mesh.num_slices=2): create the slices as one queued
 # resource (gcloud compute tpus queued-resources create ... --node-count 2), then
@@ -23,7 +27,7 @@
 #   --repo URL         git URL to clone (default: this checkout's origin)
 #   --num-slices N     run on slices $TPU_NAME-0 .. $TPU_NAME-(N-1) and set mesh.num_slices=N
 #   --skip-setup       reuse the venv already on the workers
-# Environment: TPU_NAME, ZONE (required), PROJECT, RUN_DIR (gs:// path for checkpoints and logs).
+# Environment: TPU_NAME, ZONE (required), PROJECT, RUN_DIR (gs:// path the worker logs are copied to).
 #
 # Each worker: clones/unpacks into ~/grouprank-jax, builds ~/grouprank-venv with
 # `pip install -e .[tpu]`, then runs the command; jax.distributed.initialize() discovers the

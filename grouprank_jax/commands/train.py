@@ -1,7 +1,10 @@
 """``grouprank sft`` and ``grouprank grpo``: run a stage from a YAML run config.
 
-    grouprank sft --config configs/sft_qwen2.5-7b_v5p-64.yaml run_dir=gs://bucket/runs/sft7b
-    grouprank grpo --config configs/grpo_qwen2.5-7b_v5p-64.yaml init_from=gs://bucket/runs/sft7b
+    grouprank sft --config configs/sft_qwen2.5-7b_v5p-64.yaml run_dir=/tmp/gcs/runs/sft7b
+    grouprank grpo --config configs/grpo_qwen2.5-7b_v5p-64.yaml init_from=/tmp/gcs/runs/sft7b
+
+Run directories are file-system paths; on a pod, a bucket mounted at the same path on every
+host (gcsfuse) keeps checkpoints beyond the VMs. A ``gs://`` URL is refused with that advice.
 
 Overrides are ``section.field=value`` (YAML scalars). A run resumes from the latest checkpoint
 in its ``run_dir``; SIGTERM (TPU preemption) finishes the step, saves and exits 0.

@@ -19,6 +19,7 @@ by something: an unknown key (a typo in a pod config) is an error that names it.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,9 @@ class CheckpointConfig:
     async_save: bool = True
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = ModelConfig()
@@ -67,6 +71,18 @@ class RunConfig:
     # XLA compiler options for every program the run compiles (the trainers' steps, the sampler),
     # e.g. {xla_tpu_enable_latency_hiding_scheduler: false}; `grouprank compile` uses them too.
     xla_options: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("run_dir", "init_from"):
+            value = getattr(self, name)
+            if value is not None and _URL.match(str(value)):
+                # pathlib would turn gs://b/x into the local directory gs:/b/x: every checkpoint
+                # would land on the VM's own disk and vanish with it.
+                raise ValueError(
+                    f"{name}={value!r}: run directories are read and written through the file system; "
+                    "mount the bucket on every host (e.g. `gcsfuse --implicit-dirs my-bucket /tmp/gcs`) "
+                    f"and pass the mounted path, e.g. {name}=/tmp/gcs/{str(value).split('://', 1)[1].split('/', 1)[-1]}"
+                )
 
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)

@@ -58,3 +58,11 @@ def test_every_shipped_config_round_trips_through_to_dict(path):
 
     run = load_run_config(path)
     assert run_config_from_dict(to_dict(run)) == run
+
+
+@pytest.mark.parametrize("key", ["run_dir", "init_from"])
+def test_bucket_urls_are_refused_with_the_mount_advice(key):
+    """pathlib reads gs://b/x as the local directory gs:/b/x: checkpoints would stay on the VM."""
+    with pytest.raises(ValueError, match=rf"{key}='gs://my-bucket/runs/x'.*gcsfuse.*{key}=/tmp/gcs/runs/x"):
+        run_config_from_dict({key: "gs://my-bucket/runs/x"})
+    assert getattr(run_config_from_dict({key: "/tmp/gcs/runs/x"}), key) == "/tmp/gcs/runs/x"
