@@ -17,7 +17,10 @@ INFERRED choices (the paper leaves them open; each is a ``RewardConfig`` field):
   ``"drop"`` (default) leaves them out of the predicted ranking: they earn no gain and no
   recall, so omitting a document costs reward even when c <= k; ``"rank_last"`` ranks them after
   every valid document (score -1); ``"format_penalty"`` treats any missing id as a JSON failure
-  (-0.1), like ReasonRank's wrong-count rule. Missing documents get predicted mass 0 in P;
+  (-0.1), like ReasonRank's wrong-count rule. Missing documents get predicted mass 0 in P.
+  Under every policy an answer that scores none of the group's documents (``{}``, or only
+  unknown keys) earns the bad-JSON reward: it carries no ranking, and a uniform P alone would
+  otherwise pay ~+0.1 of alignment, above an honest JSON failure;
 - P and Q: ``"sum"`` normalisation (s + eps) / Σ(s + eps) over the group (eps keeps all-zero
   groups defined, and uniform), or ``"softmax"`` with ``softmax_temperature``;
 - JS in bits, so 1 - JS is in [0, 1]; with ``divergence="kl"`` (the v1 abstract's wording) the
@@ -121,7 +124,7 @@ def _group_reward(pred, valid, status, gold, mask, cfg: RewardConfig) -> dict[st
     )
     group_reward = ranking_utility + cfg.recall_weight * recall + cfg.alignment_weight * alignment
 
-    json_bad = status == 1
+    json_bad = (status == 1) | ~jnp.any(valid & mask)  # an answer scoring no document is no answer
     if cfg.missing_policy == "format_penalty":
         json_bad = json_bad | ~jnp.all(valid == mask)
     reward = jnp.where(status >= 2, cfg.bad_tags_reward, jnp.where(json_bad, cfg.bad_json_reward, group_reward))

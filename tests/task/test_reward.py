@@ -59,7 +59,10 @@ def test_group_reward_matches_oracle():
     pred, valid, status, gold, mask = _random_batch(0)
     got = compute_rewards(pred, valid, status, gold, mask, cfg)
     want = _oracle_group_reward(pred, valid, gold, mask, cfg)
-    np.testing.assert_allclose(np.asarray(got["reward"]), want, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got["group_reward"]), want, atol=1e-5)
+    answered = (valid & mask).any(axis=-1)  # rows scoring no document earn the bad-JSON reward
+    assert 0 < (~answered).sum() < len(pred)
+    np.testing.assert_allclose(np.asarray(got["reward"]), np.where(answered, want, -0.1), atol=1e-5)
     assert set(got) >= {"reward", "ndcg", "recall", "js", "alignment", "rbo", "kl", "valid_fraction"}
     assert all(v.shape == (len(pred),) for v in got.values())
 
@@ -97,6 +100,20 @@ def test_missing_policies():
     assert float(last["ndcg"][0]) > float(drop["ndcg"][0])
     np.testing.assert_allclose(penal["reward"], -0.1)
     np.testing.assert_allclose(drop["valid_fraction"], 0.75)
+
+
+@pytest.mark.parametrize("policy", ["drop", "rank_last", "format_penalty"])
+def test_an_answer_scoring_no_document_earns_the_bad_json_reward(policy):
+    """``{}`` (or only unknown keys) parses as JSON but ranks nothing: -0.1, not the ~+0.1 of
+    alignment a uniform P would collect against the gold."""
+    gold = np.array([[10, 8, 0, 0], [10, 8, 0, 0]], np.float32)
+    mask = np.ones((2, 4), bool)
+    valid = np.array([[False] * 4, [True, False, False, False]])
+    pred = np.array([[0, 0, 0, 0], [0, 0, 0, 0]], np.float32)
+    got = compute_rewards(pred, valid, np.zeros(2, np.int32), gold, mask, RewardConfig(missing_policy=policy))
+    np.testing.assert_allclose(got["reward"][0], -0.1)
+    if policy != "format_penalty":  # one scored document (even a 0) is an answer
+        assert float(got["reward"][1]) > 0.0
 
 
 def test_tie_break_policies():
