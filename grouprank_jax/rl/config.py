@@ -41,6 +41,8 @@ class GRPOConfig:
     lr_schedule: str = "constant"
     lr_warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine only
+    weight_decay: float = 0.01  # verl actor optim.weight_decay (AdamW; biases, norms exempt) [INFERRED]
+    max_grad_norm: float = 1.0  # verl actor grad_clip [INFERRED]
     global_batch_prompts: int = 64  # global train batch 64 [paper Table 10]
     mini_batch_prompts: int = 64  # PPO mini-batch 64 -> one update per rollout batch [Table 10]
     epochs: int = 5  # passes over the 5,907 RL samples [paper Table 10]

@@ -35,15 +35,15 @@ from grouprank_jax.training.state import make_optimizer
 
 
 def make_grpo_optimizer(grpo, total_updates: int) -> optax.GradientTransformation:
-    """AdamW as ``GRPOConfig`` sets it (no weight decay, global-norm clip 1.0, constant LR by
-    default as verl); shared by the trainer and ``grouprank compile``."""
+    """AdamW as ``GRPOConfig`` sets it (verl's actor defaults: weight decay 0.01, global-norm
+    clip 1.0, constant LR); shared by the trainer and ``grouprank compile``."""
     per_step = grpo.updates_per_rollout_batch
     return make_optimizer(
         grpo.learning_rate,
         total_updates,
         warmup_steps=grpo.lr_warmup_steps * per_step,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
+        weight_decay=grpo.weight_decay,
+        max_grad_norm=grpo.max_grad_norm,
         min_lr_ratio=grpo.min_lr_ratio,
         schedule=grpo.lr_schedule,
     )

@@ -79,3 +79,17 @@ def test_weight_decay_skips_biases_and_norms_by_name():
     assert any("['q_proj']['bias']" in k for k in skipped) and any("final_norm" in k for k in skipped)
     assert {k: step[k] for k in skipped} == dict.fromkeys(skipped, 0.0)
     assert {k: step[k] for k in set(step) - skipped} == pytest.approx(dict.fromkeys(set(step) - skipped, 0.1 * 0.5))
+
+
+def test_grpo_optimizer_takes_weight_decay_from_config():
+    """grpo.weight_decay reaches AdamW (verl's 0.01 by default): with zero gradients a kernel
+    moves by exactly lr * wd * p."""
+    from grouprank_jax.rl.config import GRPOConfig
+    from grouprank_jax.rl.step import make_grpo_optimizer
+
+    assert (GRPOConfig().weight_decay, GRPOConfig().max_grad_norm) == (0.01, 1.0)
+    params = {"kernel": jnp.ones((2, 3))}
+    for wd in (0.01, 0.5):
+        tx = make_grpo_optimizer(GRPOConfig(learning_rate=0.1, weight_decay=wd), total_updates=10)
+        updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+        assert float(jnp.max(jnp.abs(updates["kernel"]))) == pytest.approx(0.1 * wd)
