@@ -138,6 +138,12 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._mgr.all_steps())
 
+    def read_metadata(self, step: int) -> dict | None:
+        """The JSON metadata saved with ``step`` (None if it was saved without), read alone."""
+        if "meta" not in self._item_names(step):
+            return None
+        return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     # -- save ----------------------------------------------------------------------------------
     def save(
         self, step: int, state: Any, data_iterator: Any = None, metadata: dict | None = None, force: bool = False

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grouprank_jax.config.run import RunConfig
+from grouprank_jax.config.yaml_io import to_dict
 from grouprank_jax.data.pipeline import rl_dataset
 from grouprank_jax.parallel.distributed import gather_rows, global_sum
 from grouprank_jax.parallel.mesh import per_chip_bytes, tpu_reserved_hbm_options
@@ -198,6 +199,7 @@ def train_grpo(
         checkpoint=cfg.checkpoint,
         stop_after=stop_after,
         progress=progress,
+        config=to_dict(cfg),
         postfix="reward_mean",
     )
 

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from grouprank_jax.config.run import RunConfig
+from grouprank_jax.config.yaml_io import to_dict
 from grouprank_jax.data.pipeline import chat_tokenize_fn, pad_batch, sft_dataset
 from grouprank_jax.parallel.distributed import agree_max
 from grouprank_jax.sft.render import GroupRankRender
@@ -108,5 +109,6 @@ def train_sft(
         checkpoint=cfg.checkpoint,
         stop_after=stop_after,
         progress=progress,
+        config=to_dict(cfg),
         postfix="loss",
     )

@@ -9,11 +9,12 @@ RNG key data) and the grain iterator position, so a restart resumes on the next 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ def train_loop(
     stop_after: int | None = None,
     progress: bool = True,
     postfix: str = "loss",
+    config: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Run ``step_fn`` until ``total_steps`` (resuming from ``run_dir``'s latest checkpoint).
 
@@ -72,16 +74,63 @@ def train_loop(
     checkpoint, as a preemption would. Metrics are logged as ``{stage}/{name}`` with the step's
     wall time; ``postfix`` names the metric the progress bar shows. Every log record of the run,
     third-party ones included, goes to ``run_dir/run.log``.
+
+    ``config`` (the run config as a dict) is saved with every checkpoint beside ``total_steps``
+    and the process count. A resume refuses another process count (the data position is saved
+    per process) and warns, naming each key, when the config or the schedule length changed.
     """
+    meta = {"config": dict(config or {}), "total_steps": int(total_steps), "process_count": jax.process_count()}
+    meta = json.loads(json.dumps(meta))  # as a checkpoint gives it back (tuples as lists), to compare
     with run_log(run_dir.log_file):
-        return _loop(stage, state, data_iter, total_steps, step_fn, run_dir, checkpoint, stop_after, progress, postfix)
+        return _loop(stage, state, data_iter, step_fn, run_dir, checkpoint, stop_after, progress, postfix, meta)
 
 
-def _loop(stage, state, data_iter, total_steps, step_fn, run_dir, checkpoint, stop_after, progress, postfix):
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_resume(saved: Mapping[str, Any] | None, current: Mapping[str, Any], where: Path, step: int) -> None:
+    """Refuse what cannot resume, warn about what resumes differently (see ``train_loop``)."""
+    if not saved:
+        return  # a checkpoint written before this metadata existed
+    if saved.get("process_count", current["process_count"]) != current["process_count"]:
+        raise ValueError(
+            f"{where}: step {step} was saved by {saved['process_count']} processes, this run has "
+            f"{current['process_count']}; the data position is stored per process, so resume with "
+            f"{saved['process_count']} processes (or start a new run_dir with init_from={where.parent})"
+        )
+    before = _flat({"config": saved.get("config", {}), "total_steps": saved.get("total_steps")})
+    after = _flat({"config": current["config"], "total_steps": current["total_steps"]})
+    changed = [
+        f"{k.removeprefix('config.')}: {before.get(k)!r} -> {after.get(k)!r}"
+        for k in sorted(set(before) | set(after))
+        if before.get(k) != after.get(k) and not k.startswith("config.run_dir")
+    ]
+    if changed:
+        hint = " (total_steps sets the LR schedule: pass the same --max-steps)" if "total_steps" in str(changed) else ""
+        log.warning(
+            "resuming step %d of %s with settings that differ from its checkpoint%s: %s",
+            step,
+            where.parent,
+            hint,
+            "; ".join(changed),
+        )
+
+
+def _loop(stage, state, data_iter, step_fn, run_dir, checkpoint, stop_after, progress, postfix, meta):
+    total_steps = meta["total_steps"]
     ckpt = Checkpointer(
         run_dir.checkpoints, save_every=checkpoint.save_every, keep=checkpoint.keep, async_save=checkpoint.async_save
     )
-    if ckpt.latest_step() is not None:
+    latest = ckpt.latest_step()
+    if latest is not None:
+        check_resume(ckpt.read_metadata(latest), meta, run_dir.checkpoints, latest)
         state = apply_restored(state, ckpt.restore(target=restore_target(state), data_iterator=data_iter).state)
         log.info("%s: resumed from step %d", stage, state.step)
     logger = MetricsLogger(run_dir.root, resume_step=state.step)
@@ -105,6 +154,7 @@ def _loop(stage, state, data_iter, total_steps, step_fn, run_dir, checkpoint, st
                     state.step,
                     state.checkpoint_tree(),
                     data_iterator=data_iter,
+                    metadata=meta,
                     force=stopping or state.step == total_steps,
                 )
                 if stopping:

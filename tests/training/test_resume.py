@@ -259,6 +259,8 @@ def test_sigterm_to_the_cli_saves_exits_zero_and_resumes(tmp_path, stage):
     assert again.returncode == 0, again.stderr[-3000:]
     assert _metric_steps(run_dir) == list(range(1, saved + 3))  # resumed at saved + 1, not from step 1
     assert f"finished at step {saved + 2}" in again.stdout
+    # A shorter --max-steps shortens the LR schedule: the resume says so.
+    assert f"total_steps: 10000 -> {saved + 2}" in again.stderr and "same --max-steps" in again.stderr
 
 
 def test_ctrl_c_to_the_cli_saves_and_exits_130(tmp_path):
@@ -268,3 +270,31 @@ def test_ctrl_c_to_the_cli_saves_and_exits_130(tmp_path):
     assert proc.returncode == 130, err[-3000:]
     assert "grouprank sft: interrupted" in err and "Traceback" not in err, err[-3000:]
     assert _saved_step(tmp_path / "sft_run") == _metric_steps(tmp_path / "sft_run")[-1] < 10_000
+
+
+def test_check_resume_refuses_another_process_count_and_names_changed_settings(tmp_path, caplog):
+    from grouprank_jax.training.loop import check_resume
+
+    saved = {"config": {"seed": 0, "grpo": {"learning_rate": 1e-5, "lora_targets": ["q_proj"]}, "run_dir": "a"}}
+    saved.update(total_steps=460, process_count=2)
+    same = {**saved, "config": {**saved["config"], "run_dir": "b"}}  # a moved run_dir is no change
+    where = tmp_path / "run" / "checkpoints"
+    with caplog.at_level("WARNING"):
+        check_resume(
+            saved,
+            {**same, "config": {**same["config"], "grpo": {"learning_rate": 1e-5, "lora_targets": ("q_proj",)}}},
+            where,
+            7,
+        )
+    assert not caplog.records
+    with pytest.raises(ValueError, match=r"saved by 2 processes, this run has 1.*resume with 2 processes"):
+        check_resume(saved, {**same, "process_count": 1}, where, 7)
+    changed = {**same, "total_steps": 10, "config": {**same["config"], "seed": 1, "grpo": {"learning_rate": 2e-5}}}
+    with caplog.at_level("WARNING"):
+        check_resume(saved, changed, where, 7)
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert (
+        "resuming step 7" in message and "seed: 0 -> 1" in message and "grpo.learning_rate: 1e-05 -> 2e-05" in message
+    )
+    assert "grpo.lora_targets: ['q_proj'] -> None" in message and "total_steps: 460 -> 10" in message
+    check_resume(None, changed, where, 7)  # checkpoints from before this metadata: nothing to compare
