@@ -164,13 +164,19 @@ def save_hf(
     Tied embeddings are written the way HF writes them: ``tie_word_embeddings=true`` and no
     ``lm_head.weight``. ``dtype`` (default: the params' dtype) sets the stored dtype. In a
     multi-process run every process must call this (gathers are collective); process 0 writes.
+
+    The files are written into a sibling ``.NAME.partial`` directory that then replaces
+    ``out_dir`` (other files already in ``out_dir`` move over): a kill mid-export leaves the
+    previous export whole, never new config beside old weights.
     """
 
-    out_dir = Path(out_dir)
+    final = Path(out_dir).absolute()
+    out_dir = final.parent / f".{final.name}.partial"
     cfg = model.cfg
     writer = jax.process_index() == 0
     if writer:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out_dir, ignore_errors=True)  # a previous export killed before its swap
+        out_dir.mkdir(parents=True)
     store_dtype = jnp.dtype(dtype or cfg.param_dtype)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
 
@@ -187,7 +193,7 @@ def save_hf(
         shards[-1][hf_key] = value
         shard_bytes += value.nbytes
     if not writer:
-        return out_dir
+        return final
 
     hf_config = cfg.replace(lora_rank=0).to_hf_dict()
     hf_config["dtype"] = "bfloat16" if store_dtype == jnp.bfloat16 else "float32"
@@ -202,9 +208,6 @@ def save_hf(
         "top_p": 0.8,
     }
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    for stale in list(out_dir.glob("model*.safetensors")) + [out_dir / SAFE_INDEX]:
-        if stale.exists():
-            stale.unlink()
     if len(shards) == 1:
         save_file(shards[0], str(out_dir / SAFE_SINGLE), metadata={"format": "pt"})
     else:
@@ -219,7 +222,25 @@ def save_hf(
         (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     if tokenizer is not None:
         _save_tokenizer(tokenizer, out_dir)
-    return out_dir
+    _publish(out_dir, final)
+    return final
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Swap the finished ``partial`` export in for ``final``; files of ``final`` that this export
+    does not write (a README, ...) move over, stale weight shards do not."""
+    if final.exists():
+        for entry in final.iterdir():
+            stale = entry.name.startswith("model") and entry.name.endswith((".safetensors", ".safetensors.index.json"))
+            if not stale and not (partial / entry.name).exists():
+                entry.rename(partial / entry.name)
+        old = final.parent / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        partial.rename(final)
+        shutil.rmtree(old)
+    else:
+        partial.rename(final)
 
 
 def _save_tokenizer(tokenizer, out_dir: Path) -> None:

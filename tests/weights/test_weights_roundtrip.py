@@ -120,3 +120,33 @@ def test_non_qwen2_config_names_file(tmp_path):
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf(tmp_path / "nope")
+
+
+def test_killed_re_export_leaves_the_previous_export_whole(tmp_path, monkeypatch):
+    """A re-export into the same directory killed while writing weights: the directory still
+    holds the first export (config and weights of one model); a finished re-export replaces the
+    weights, drops the old shard layout and keeps the user's own files."""
+    import grouprank_jax.weights.hf_io as hf_io
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_hf_model(src, tied=False)
+    model = load_hf(src)
+    save_hf(model, dst, max_shard_bytes=100_000)  # sharded first export
+    (dst / "README.md").write_text("my notes\n")
+    first = {p.name: p.read_bytes() for p in dst.iterdir()}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies while writing the new weights
+
+    monkeypatch.setattr(hf_io, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_hf(model, dst, dtype="bfloat16")
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == first
+    monkeypatch.undo()
+
+    save_hf(model, dst, dtype="bfloat16")  # one shard now, bf16
+    names = {p.name for p in dst.iterdir()}
+    assert "model.safetensors" in names and not any(n.startswith("model-0") for n in names)
+    assert "model.safetensors.index.json" not in names and (dst / "README.md").read_text() == "my notes\n"
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {p.name for p in tmp_path.iterdir()} == {"src", "dst"}  # no partial/old directories left
