@@ -57,3 +57,31 @@ def test_a_damaged_pools_cache_is_rebuilt(tmp_path, shared_data, caplog):
         again = _pools(cfg)
     assert "unreadable" in caplog.text and "rebuilding" in caplog.text
     assert again == first and json.loads(cache.read_text())["queries"] == first[0]
+
+
+def test_non_utf8_record_line_names_file_and_line(tmp_path):
+    from grouprank_jax.data.records import DataError, iter_records
+
+    path = tmp_path / "sft.jsonl"
+    good = '{"query": "q", "documents": ["a", "b"], "scores": [3, 0]}\n'
+    path.write_bytes(good.encode() + good.replace('"a"', '"caf\\u00e9"').encode().replace(b"\\u00e9", b"\xe9"))
+    with pytest.raises(DataError, match=rf"{path}:2: not UTF-8 text"):
+        list(iter_records([path], purpose="sft"))
+
+
+@pytest.mark.parametrize(
+    "hits, message",
+    [
+        ([], "nothing to rerank"),
+        ([{"query": "q", "hits": []}], "nothing to rerank"),
+        ([{"query": "q", "hits": [{"docid": "d", "content": "t", "score": "high"}]}], "entry 0 hit 0: score 'high'"),
+        ([{"query": "q", "hits": [{"docid": "d", "content": None}]}], "entry 0 hit 0: content must be a string"),
+    ],
+)
+def test_rerank_input_problems_are_named_before_any_model_loads(tmp_path, hits, message):
+    from grouprank_jax.task.rerank import load_candidates
+
+    path = tmp_path / "hits.json"
+    path.write_text(json.dumps(hits))
+    with pytest.raises(ValueError, match=message):
+        load_candidates(str(path), None)

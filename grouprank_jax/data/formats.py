@@ -29,19 +29,28 @@ class RankLLMQuery:
 
 
 def _open_text(path: Path) -> IO[str]:
+    # utf-8-sig: a byte-order mark (Windows editors) would otherwise become part of the first id.
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line without newline) for non-blank lines."""
     path = Path(path)
-    with _open_text(path) as handle:
-        for number, line in enumerate(handle, 1):
-            line = line.rstrip("\n").rstrip("\r")
-            if line.strip():
-                yield number, line
+    try:
+        # Bytes, decoded line by line, so that a non-UTF-8 byte is reported on its own line.
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+                line = line.rstrip("\n").rstrip("\r")
+                if line.strip():
+                    yield number, line
+    except gzip.BadGzipFile as err:
+        raise ValueError(f"{path}: not a gzip file ({err}); drop the .gz suffix if it is plain text") from None
 
 
 def _error(path, number: int, message: str) -> ValueError:
@@ -153,6 +162,10 @@ def read_rank_llm(path: str | Path) -> list[RankLLMQuery]:
             data = json.load(handle)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except gzip.BadGzipFile as err:
+            raise ValueError(f"{path}: not a gzip file ({err})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}:1: rank_llm results must be a JSON list of {{query, hits}} objects")
     out = []

@@ -221,8 +221,12 @@ def records_from_rows(rows: Sequence[Any], purpose: str = "sft", name: str = "<m
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     # Parsed line by line ourselves: `datasets`' JSON reader reports a bad line as an opaque
     # Arrow error without the line number.
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) are not records
             try:

@@ -156,17 +156,45 @@ def rerank(
 
 
 def load_candidates(data: str, run_path: str | None):
-    """(queries {qid: text}, candidates {qid: [Candidate]}) from the supported input layouts."""
+    """(queries {qid: text}, candidates {qid: [Candidate]}) from the supported input layouts;
+    a ``ValueError`` when nothing is left to rerank (before any model is loaded)."""
+    queries, candidates = _load_candidates(data, run_path)
+    if not any(candidates.values()):
+        source = f"the run {run_path} for the queries of {data}" if run_path else data
+        raise ValueError(f"nothing to rerank: {source} holds no query with candidate documents")
+    return queries, candidates
 
+
+def _hit_score(hit: dict, where: str) -> float:
+    try:
+        return float(hit.get("score", 0.0))
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: score {hit.get('score')!r} is not a number") from None
+
+
+def _hit_text(hit: dict, where: str) -> str:
+    if not isinstance(hit["content"], str):
+        raise ValueError(f"{where}: content must be a string, got {type(hit['content']).__name__}")
+    return hit["content"]
+
+
+def _load_candidates(data: str, run_path: str | None):
     path = Path(data)
     if path.is_file():
         entries = read_rank_llm(path)
         queries = {e.qid: e.query for e in entries}
-        texts = {(e.qid, str(h["docid"])): h["content"] for e in entries for h in e.hits}
+        where = lambda i, j: f"{path}: entry {i} hit {j}"
+        texts = {
+            (e.qid, str(h["docid"])): _hit_text(h, where(i, j))
+            for i, e in enumerate(entries)
+            for j, h in enumerate(e.hits)
+        }
         if run_path is None:
             candidates = {
-                e.qid: [Candidate(str(h["docid"]), h["content"], float(h.get("score", 0.0))) for h in e.hits]
-                for e in entries
+                e.qid: [
+                    Candidate(str(h["docid"]), h["content"], _hit_score(h, where(i, j))) for j, h in enumerate(e.hits)
+                ]
+                for i, e in enumerate(entries)
             }
             return queries, candidates
         lookup = lambda qid, docid: texts.get((qid, docid))

@@ -49,6 +49,32 @@ def test_queries_without_judgments_are_skipped():
         evaluate(run, qrels, ("nonsense_5",))
 
 
+def test_metric_names_and_unjudged_runs_are_explained():
+    run, qrels = {"q1": {"a": 2.0, "b": 1.0}}, {"q1": {"b": 1}}
+    dotted = evaluate(run, qrels, ("ndcg_cut.10",))  # pytrec_eval's request syntax
+    assert dotted.mean == {"ndcg_cut_10": evaluate(run, qrels, ("ndcg_cut_10",)).mean["ndcg_cut_10"]}
+    with pytest.raises(ValueError, match=r"\['ndcg_cut'\] need a cutoff.*ndcg_cut_10"):
+        evaluate(run, qrels, ("ndcg_cut",))
+    with pytest.raises(ValueError, match=r"no query of the run .*'q1'.* has judgments .*'Q1'"):
+        evaluate(run, {"Q1": {"b": 1}}, ("ndcg_cut_10",))  # a 0.0 over no query would read as a score
+
+
+def test_byte_order_mark_and_bad_encodings(tmp_path):
+    (tmp_path / "run.txt").write_bytes("\ufeffq1 Q0 d1 1 0.5 t\n".encode())
+    (tmp_path / "qrels.txt").write_bytes("\ufeffq1 0 d1 1\n".encode())
+    assert formats.read_run(tmp_path / "run.txt") == {"q1": {"d1": 0.5}}
+    assert formats.read_qrels(tmp_path / "qrels.txt") == {"q1": {"d1": 1}}
+    (tmp_path / "latin1.txt").write_bytes(b"q1 Q0 d1 1 0.5 t\nq1 Q0 d\xe9 2 0.4 t\n")
+    with pytest.raises(ValueError, match=r"latin1.txt:2: not UTF-8 text"):
+        formats.read_run(tmp_path / "latin1.txt")
+    (tmp_path / "run.gz").write_bytes(b"q1 Q0 d1 1 0.5 t\n")
+    with pytest.raises(ValueError, match=r"run.gz: not a gzip file"):
+        formats.read_run(tmp_path / "run.gz")
+    (tmp_path / "hits.json").write_bytes(b'[{"query": "caf\xe9", "hits": []}]')
+    with pytest.raises(ValueError, match=r"hits.json: not UTF-8 text"):
+        formats.read_rank_llm(tmp_path / "hits.json")
+
+
 def test_run_and_qrels_round_trip(tmp_path):
     run = {"q1": {"d1": 0.5, "d2": 2.0}, "q2": {"x": -1.0}}
     formats.write_run(run, tmp_path / "run.txt")
