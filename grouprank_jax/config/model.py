@@ -118,6 +118,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: Mapping[str, Any], source: str = "config.json", **overrides) -> ModelConfig:
+        if not isinstance(hf, Mapping):
+            raise ValueError(f"{source}: expected a JSON object of model settings, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type != "qwen2":
             raise ValueError(
@@ -126,6 +128,16 @@ class ModelConfig:
             )
         if hf.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):  # the port's MLP is SwiGLU
+            raise ValueError(f"{source}: hidden_act={act!r} is not supported (Qwen2's MLP uses silu)")
+        missing = [
+            k
+            for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+            if hf.get(k) is None
+        ]
+        if missing:
+            raise ValueError(f"{source}: missing {missing}, which a Qwen2 config.json always has")
         rope = hf.get("rope_parameters") or {}
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         if rope.get("rope_type", "default") != "default" or hf.get("rope_scaling"):
@@ -136,7 +148,7 @@ class ModelConfig:
             hidden_size=int(hf["hidden_size"]),
             num_layers=int(hf["num_hidden_layers"]),
             num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads", heads)),
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),  # null: no GQA, as transformers
             head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
             intermediate_size=int(hf["intermediate_size"]),
             rope_theta=float(theta),

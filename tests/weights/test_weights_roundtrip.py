@@ -150,3 +150,33 @@ def test_killed_re_export_leaves_the_previous_export_whole(tmp_path, monkeypatch
     assert "model.safetensors.index.json" not in names and (dst / "README.md").read_text() == "my notes\n"
     assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
     assert {p.name for p in tmp_path.iterdir()} == {"src", "dst"}  # no partial/old directories left
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+        ({"intermediate_size": None}, r"missing \['intermediate_size'\]"),
+        ("not a dict", "expected a JSON object"),
+    ],
+)
+def test_unsupported_or_incomplete_config_names_file(tmp_path, change, message):
+    from grouprank_jax.config import model_preset
+    from grouprank_jax.weights.hf_io import read_hf_config
+
+    hf = model_preset("tiny").to_hf_dict()
+    hf = [hf] if change == "not a dict" else {k: v for k, v in {**hf, **change}.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=rf"config\.json: .*{message}"):
+        read_hf_config(tmp_path)
+
+
+def test_null_kv_heads_means_one_per_query_head(tmp_path):
+    from grouprank_jax.config import model_preset
+    from grouprank_jax.weights.hf_io import read_hf_config
+
+    (tmp_path / "config.json").write_text(
+        json.dumps({**model_preset("tiny").to_hf_dict(), "num_key_value_heads": None})
+    )
+    cfg = read_hf_config(tmp_path)
+    assert cfg.num_kv_heads == cfg.num_heads
