@@ -19,6 +19,7 @@ from grouprank_jax.data.pipeline import chat_tokenize_fn, pad_batch, sft_dataset
 from grouprank_jax.parallel.distributed import agree_max
 from grouprank_jax.sft.render import GroupRankRender
 from grouprank_jax.sft.step import loss_rows_bucket, make_sft_optimizer, make_sft_step
+from grouprank_jax.task.prompts import load_template
 from grouprank_jax.tokenizer import load_tokenizer
 from grouprank_jax.training.loop import TrainResult, train_loop
 from grouprank_jax.training.run_dir import RunDir, save_base_weights, stage_records
@@ -52,6 +53,8 @@ def train_sft(
     run_dir = RunDir(Path(cfg.run_dir))
     tokenizer = tokenizer or load_tokenizer()
     records = stage_records(records, cfg.data.sft_train, "sft", "sft_train")
+    load_template(cfg.prompt.preset)  # a bad preset fails here, not after the model is built
+    render = GroupRankRender(cfg.prompt.preset, cfg.prompt.max_doc_chars)
     model = model if model is not None else initial_model(cfg.init_from, cfg.model, mesh, seed=cfg.seed)
     lora = sft.lora_rank > 0
     if lora:
@@ -71,7 +74,6 @@ def train_sft(
     total_steps = total_steps if max_steps is None else min(total_steps, max_steps)
     tx = make_sft_optimizer(sft, total_steps)
     state = init_train_state(model, tx, lora=lora, seed=cfg.seed)
-    render = GroupRankRender(cfg.prompt.preset, cfg.prompt.max_doc_chars)
     data_iter = iter(
         sft_dataset(
             records,

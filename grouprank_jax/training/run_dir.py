@@ -65,4 +65,7 @@ def stage_records(records, files, purpose: str, key: str) -> list:
         return list(records)
     if not files:
         raise ValueError(f"no {purpose.upper()} data: set data.{key} to JSONL/Parquet files")
-    return list(iter_records(list(files), purpose=purpose))
+    loaded = list(iter_records(list(files), purpose=purpose))
+    if not loaded:
+        raise ValueError(f"data.{key}: {', '.join(map(str, files))} holds no records")
+    return loaded

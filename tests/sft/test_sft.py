@@ -127,3 +127,19 @@ def test_sft_lora_adapters_go_on_the_configured_targets(tmp_path):
     result = train_sft(cfg, records=records_from_rows(rows, purpose="sft"), progress=False)
     adapted = {str(path[-3]) for path, _ in nnx.to_flat_state(nnx.state(result.model, nnx.LoRAParam))}
     assert adapted == {"q_proj", "v_proj"} and result.model.cfg.lora_targets == ("q_proj", "v_proj")
+
+
+def test_input_mistakes_fail_before_the_model_is_built(tmp_path):
+    """An empty data file or an unknown prompt preset: one error, nothing written to run_dir."""
+    from grouprank_jax.config.run import run_config_from_dict
+    from grouprank_jax.sft.trainer import train_sft
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    base = {"model": {"preset": "tiny"}, "run_dir": str(tmp_path / "run")}
+    with pytest.raises(ValueError, match=r"data.sft_train: .*empty.jsonl holds no records"):
+        train_sft(run_config_from_dict({**base, "data": {"sft_train": [str(empty)]}}), progress=False)
+    rows = [{"query": "q", "documents": ["a", "b"], "scores": [3, 0]}]
+    with pytest.raises(ValueError, match="nope"):
+        train_sft(run_config_from_dict({**base, "prompt": {"preset": "nope"}}), records=rows, progress=False)
+    assert not (tmp_path / "run").exists()
