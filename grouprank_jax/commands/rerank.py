@@ -38,10 +38,19 @@ def register(subparsers) -> None:
     parser.add_argument("--group-size", type=int, default=20, help="documents per group (c)")
     parser.add_argument("--repeats", type=int, default=1, help="shuffled passes averaged (test-time scaling)")
     parser.add_argument("--fusion-weight", type=float, default=0.6, help="weight of the group score vs the retriever")
+    parser.add_argument(
+        "--retriever-norm",
+        choices=("minmax", "none"),
+        default="minmax",
+        help="retriever scores min-max normalised per query (ours) or fused raw (reference code)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     parser.add_argument("--max-doc-chars", type=int, default=3000, help="character cut per document")
     parser.add_argument(
-        "--max-prompt-len", type=int, default=16384, help="prompt token budget (documents shrink to fit)"
+        "--max-prompt-len",
+        type=int,
+        default=24000,
+        help="prompt token budget; documents shrink to fit (official: max_model_len 32000 - 8000 generated)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=8000, help="generation budget (official: 8000)")
     parser.add_argument("--temperature", type=float, default=0.3, help="official inference value")
@@ -85,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         group_size=args.group_size,
         repeats=args.repeats,
         fusion_weight=args.fusion_weight,
+        retriever_norm=args.retriever_norm,
         batch_size=args.batch_size,
         seed=args.seed,
     )

@@ -8,7 +8,9 @@ each document's group scores. Then
     final = w * mean_group_score / 10 + (1 - w) * minmax(retriever score),   w = 0.6
 
 with min-max normalisation over the query's top-N (a query whose top-N scores are all equal
-gets 0 for every retriever term, which leaves the order to the group scores). A group whose
+gets 0 for every retriever term, which leaves the order to the group scores). The min-max is
+our choice [INFERRED]: the reference code fuses the score of DIVER's merged file as it is
+(``retriever_norm="none"``), which suits retrievers whose scores already lie in [0, 1]. A group whose
 output yields no JSON scores 0 for all its documents in that pass (the official behaviour) and
 is counted as a parse failure; a document missing from an otherwise parsed answer also scores 0
 and is counted. Candidates beyond top-N are kept below the reranked ones, in retriever order.
@@ -50,6 +52,7 @@ class RerankConfig:
     group_size: int = 20  # c (paper-notes §2: 20 at eval)
     repeats: int = 1  # shuffled passes averaged (test-time scaling; 6 for the 46.8 BRIGHT run)
     fusion_weight: float = 0.6  # w on the group score; 1 - w on the retriever (paper-notes §2)
+    retriever_norm: str = "minmax"  # per-query min-max [INFERRED]; "none": raw, as the reference code
     batch_size: int = 16  # prompts per score_fn call
     seed: int = 666  # the official random.seed
 
@@ -58,6 +61,8 @@ class RerankConfig:
             raise ValueError(f"top_n, group_size, repeats and batch_size must be >= 1: {self}")
         if not 0.0 <= self.fusion_weight <= 1.0:
             raise ValueError(f"fusion_weight must be in [0, 1], got {self.fusion_weight}")
+        if self.retriever_norm not in ("minmax", "none"):
+            raise ValueError(f"retriever_norm must be 'minmax' or 'none', got {self.retriever_norm!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +145,13 @@ def rerank(
     w = cfg.fusion_weight
     for qid, docs in top.items():
         group_score = score_sums[qid] / cfg.repeats  # [n] in 0..1, mean over passes
-        retriever = minmax(np.array([d.score for d in docs], dtype=np.float64))  # [n]
+        retriever = np.array([d.score for d in docs], dtype=np.float64)  # [n]
+        retriever = minmax(retriever) if cfg.retriever_norm == "minmax" else retriever
         final = w * group_score + (1.0 - w) * retriever
         run[qid] = {d.docid: float(s) for d, s in zip(docs, final)}
+        floor = min(0.0, float(final.min())) if len(final) else 0.0
         for tail_rank, doc in enumerate(ranked[qid][cfg.top_n :], 1):
-            run[qid][doc.docid] = -float(tail_rank)  # below every reranked score (>= 0)
+            run[qid][doc.docid] = floor - float(tail_rank)  # below every reranked score
     summary = RerankSummary(
         queries=len(top),
         groups=groups_done,

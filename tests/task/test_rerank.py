@@ -98,6 +98,23 @@ def test_top_n_tail_and_pure_retriever():
     assert all(run["q"][f"d{i}"] < 0 for i in range(4, 7)) and summary.groups == 2
 
 
+def test_raw_retriever_scores_fuse_unnormalised():
+    """retriever_norm="none" (the reference code): final = w * g / 10 + (1 - w) * raw score, and the
+    tail still ranks below every reranked document when raw scores are negative."""
+    queries = {"q": "x"}
+    candidates = {"q": [Candidate(f"d{i}", f"t{i}", -2.0 * i) for i in range(5)]}
+    scorer = StandInScorer(table={f"t{i}": 2 * i for i in range(5)})
+    cfg = RerankConfig(top_n=3, group_size=3, retriever_norm="none")
+    run, _ = rerank(queries, candidates, scorer, prompt_fn, cfg)
+    assert {f"d{i}": run["q"][f"d{i}"] for i in range(3)} == pytest.approx(
+        {f"d{i}": 0.6 * 2 * i / 10 + 0.4 * -2.0 * i for i in range(3)}
+    )
+    assert max(run["q"]["d3"], run["q"]["d4"]) < min(run["q"][f"d{i}"] for i in range(3))
+    assert run["q"]["d3"] > run["q"]["d4"]
+    with pytest.raises(ValueError, match="retriever_norm"):
+        RerankConfig(retriever_norm="zscore")
+
+
 def test_missing_documents_score_zero_and_are_counted():
     queries, candidates = _inputs()
 
