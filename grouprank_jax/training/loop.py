@@ -113,7 +113,8 @@ def check_resume(saved: Mapping[str, Any] | None, current: Mapping[str, Any], wh
         if before.get(k) != after.get(k) and not k.startswith("config.run_dir")
     ]
     if changed:
-        hint = " (total_steps sets the LR schedule: pass the same --max-steps)" if "total_steps" in str(changed) else ""
+        schedule = before.get("total_steps") != after.get("total_steps")
+        hint = " (total_steps sets the LR schedule: pass the same --max-steps)" if schedule else ""
         log.warning(
             "resuming step %d of %s with settings that differ from its checkpoint%s: %s",
             step,
@@ -130,7 +131,12 @@ def _loop(stage, state, data_iter, step_fn, run_dir, checkpoint, stop_after, pro
     )
     latest = ckpt.latest_step()
     if latest is not None:
-        check_resume(ckpt.read_metadata(latest), meta, run_dir.checkpoints, latest)
+        try:
+            saved_meta = ckpt.read_metadata(latest)
+        except (ValueError, OSError, KeyError, RuntimeError) as err:  # damage: the restore falls back past it
+            log.warning("checkpoint step %d: metadata unreadable (%s); resuming without the config check", latest, err)
+            saved_meta = None
+        check_resume(saved_meta, meta, run_dir.checkpoints, latest)
         state = apply_restored(state, ckpt.restore(target=restore_target(state), data_iterator=data_iter).state)
         log.info("%s: resumed from step %d", stage, state.step)
     logger = MetricsLogger(run_dir.root, resume_step=state.step)
