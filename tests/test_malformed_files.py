@@ -85,3 +85,16 @@ def test_rerank_input_problems_are_named_before_any_model_loads(tmp_path, hits, 
     path.write_text(json.dumps(hits))
     with pytest.raises(ValueError, match=message):
         load_candidates(str(path), None)
+
+
+def test_a_step_for_a_directory_without_steps_is_refused(tmp_path):
+    """``export-hf --step`` on an import-hf checkpoint or HF directory was silently ignored."""
+    from grouprank_jax.config import model_preset
+    from grouprank_jax.models import create_model
+    from grouprank_jax.weights.loading import load_model
+    from grouprank_jax.weights.orbax_io import save_params
+
+    save_params(create_model(model_preset("tiny"), seed=0), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="step=3 picks a checkpoint of a training run directory"):
+        load_model(tmp_path / "ckpt", step=3)
+    assert load_model(tmp_path / "ckpt").cfg.num_layers == model_preset("tiny").num_layers

@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+from grouprank_jax.commands import positive_int
 from grouprank_jax.sampling import Sampler, SamplingParams
 from grouprank_jax.tokenizer import load_tokenizer
 from grouprank_jax.weights.loading import load_model
@@ -35,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--max-prompt-len", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generate call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable), e.g. --stop '</answer>'")
     p.set_defaults(func=run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from grouprank_jax.commands import positive_int
 from grouprank_jax.data.formats import read_collection, write_run
 from grouprank_jax.retrieve import bm25_run
 
@@ -17,7 +18,7 @@ def register(subparsers) -> None:
         "--data", required=True, help="dataset dir: corpus.jsonl+queries.jsonl or corpus.tsv+queries.tsv"
     )
     parser.add_argument("--out", required=True, help="output TREC run file")
-    parser.add_argument("--top-k", type=int, default=100, help="documents kept per query")
+    parser.add_argument("--top-k", type=positive_int, default=100, help="documents kept per query")
     parser.add_argument("--k1", type=float, default=0.9, help="BM25 k1 (Pyserini default)")
     parser.add_argument("--b", type=float, default=0.4, help="BM25 b (Pyserini default)")
     parser.set_defaults(func=run)

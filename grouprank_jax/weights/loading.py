@@ -53,7 +53,10 @@ def load_model(path: str | Path, *, step: int | None = None, mesh: Mesh | None =
     path = Path(path)
     if not path.exists():
         raise NotACheckpointError(f"{path} does not exist")
-    if (path / CONFIG_FILE).exists() and (path / "params").exists():
+    single = (path / CONFIG_FILE).exists() and (path / "params").exists()
+    if step is not None and (single or (path / "config.json").exists()):
+        raise ValueError(f"step={step} picks a checkpoint of a training run directory; {path} holds one set of weights")
+    if single:
         return load_params(path, mesh=mesh)
     if (path / "config.json").exists():
         return load_hf(path, mesh=mesh)

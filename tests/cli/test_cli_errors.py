@@ -153,3 +153,15 @@ def test_an_unexpected_failure_exits_1_and_shows_the_traceback_only_with_v(tmp_p
     assert "grouprank export-hf: unexpected" in quiet.stderr
     loud = _grouprank("-v", "export-hf", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "out")
     assert loud.returncode == 1 and "Traceback" in loud.stderr
+
+
+def test_counts_below_one_are_refused_with_the_flag(tmp_path):
+    for args, flag in (
+        (
+            ("generate", "--model", tmp_path, "--prompts", tmp_path, "--out", tmp_path / "o", "--batch-size", "0"),
+            "--batch-size",
+        ),
+        (("retrieve", "--data", tmp_path, "--out", tmp_path / "run", "--top-k", "0"), "--top-k"),
+    ):
+        out = _grouprank(*args)
+        assert out.returncode == 2 and f"argument {flag}: must be >= 1, got 0" in out.stderr, out.stderr[-2000:]
