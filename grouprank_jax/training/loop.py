@@ -174,6 +174,9 @@ def _loop(stage, state, data_iter, step_fn, run_dir, checkpoint, stop_after, pro
                         ckpt.wait()  # the save is on disk before the interrupt unwinds
                         raise KeyboardInterrupt
                     break
+            # The last (forced) save commits while the guard still holds: a second SIGTERM now
+            # would otherwise kill the write and lose every step since the previous checkpoint.
+            ckpt.wait()
     finally:
         bar.close()
         ckpt.close()
