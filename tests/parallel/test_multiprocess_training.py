@@ -75,6 +75,8 @@ WORKER = textwrap.dedent(
     # step 1 (params, optimizer, data position) from the checkpoint.
     second = rl_trainer.train_grpo(grpo_cfg, records=rl, mesh=mesh, model=sft.model, max_steps=2, progress=False)
     params = host_params(second.model)
+    from grouprank_jax.weights.hf_io import save_hf
+    save_hf(second.model, run_dir + "/hf")  # every process: LoRA merge and gathers are collective
     if dist.is_primary():
         np.savez(run_dir + "/params.npz", **params)
         np.savez(run_dir + "/sft_params.npz", **sft_params)
@@ -123,3 +125,11 @@ def test_two_processes_train_like_one(tmp_path):
     moved = max(float(np.abs(a[k]).max()) for k in a.files if k.endswith("lora/b"))
     assert moved > 1e-4, moved
     assert sorted(os.listdir(tmp_path / "multi" / "grpo" / "checkpoints"))  # steps 1 and 2 saved
+    # The HF export of the 2-process LoRA model (merged adapters) equals the 1-process one.
+    from safetensors.numpy import load_file
+
+    ha, hb = (
+        load_file(str(tmp_path / "multi" / "hf" / "model.safetensors")),
+        load_file(str(tmp_path / "single" / "hf" / "model.safetensors")),
+    )
+    assert sorted(ha) == sorted(hb) and max(float(np.abs(ha[k] - hb[k]).max()) for k in ha) <= 5e-6
