@@ -23,10 +23,9 @@ from grouprank_jax.config import ModelConfig
 from grouprank_jax.models.build import create_model, state_shardings, variable_sharding
 from grouprank_jax.models.lora import merged_kernels
 from grouprank_jax.models.qwen2 import Qwen2ForCausalLM
-from grouprank_jax.parallel.mesh import single_device_mesh
 from grouprank_jax.training.state import split_model
 from grouprank_jax.weights.hf_io import load_hf
-from grouprank_jax.weights.orbax_io import CONFIG_FILE, abstract_model, load_params, read_model_config
+from grouprank_jax.weights.orbax_io import CONFIG_FILE, abstract_model, load_params, read_model_config, restore_target
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +89,7 @@ def load_trained_model(run_dir: str | Path, step: int | None = None, mesh: Mesh 
     # Only the trainable weights, straight onto this process's mesh: the run may have been saved
     # on another device set (a pod slice, exported on one host), and its optimizer state is not
     # needed here.
-    shardings = state_shardings(trainable, mesh or single_device_mesh())
-    target = jax.tree.map(
-        lambda v, s: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s),
-        trainable,
-        shardings,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    ).to_pure_dict()
+    target = restore_target(trainable, mesh)
     with Checkpointer(run_dir / "checkpoints", async_save=False, read_only=True) as ckpt:
         if ckpt.latest_step() is None:
             raise NotACheckpointError(f"{run_dir / 'checkpoints'} holds no finished checkpoint")

@@ -54,6 +54,18 @@ def abstract_model(cfg: ModelConfig, mesh: Mesh | None):
     return nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, rngs=nnx.Rngs(0), mesh=mesh, rules=LOGICAL_AXIS_RULES))
 
 
+def restore_target(state: nnx.State, mesh: Mesh | None) -> dict:
+    """A pure-dict Orbax target for ``state``'s variables: their shapes and dtypes, laid out on
+    ``mesh`` (one device if None), so a restore reshards whatever device set saved them."""
+    shardings = state_shardings(state, mesh or single_device_mesh())
+    return jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s),
+        state,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    ).to_pure_dict()
+
+
 def load_params(
     directory: str | Path, mesh: Mesh | None = None, params_dir: str | Path | None = None, **overrides
 ) -> Qwen2ForCausalLM:
@@ -63,15 +75,7 @@ def load_params(
     cfg = read_model_config(directory, **overrides)
     abstract = abstract_model(cfg, mesh)
     graphdef, state = nnx.split(abstract)
-    params_state = nnx.state(abstract, nnx.Param)
-    target_mesh = mesh or single_device_mesh()
-    shardings = state_shardings(params_state, target_mesh)
-    target = jax.tree.map(
-        lambda v, s: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s),
-        params_state,
-        shardings,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    ).to_pure_dict()
+    target = restore_target(nnx.state(abstract, nnx.Param), mesh)
     with ocp.StandardCheckpointer() as ckpt:
         restored = ckpt.restore(Path(params_dir or directory / "params").absolute(), target)
     state.replace_by_pure_dict(restored)
