@@ -13,6 +13,7 @@ import math
 
 from tqdm.auto import tqdm
 
+from grouprank_jax.commands import seed_int
 from grouprank_jax.data.formats import read_qrels, write_run
 from grouprank_jax.eval import evaluate
 from grouprank_jax.task.prompts import load_template, render_prompt
@@ -56,7 +57,7 @@ def register(subparsers) -> None:
     parser.add_argument("--temperature", type=float, default=0.3, help="official inference value")
     parser.add_argument("--top-p", type=float, default=0.8, help="official inference value")
     parser.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    parser.add_argument("--seed", type=int, default=666, help="shuffling and sampling seed (official: 666)")
+    parser.add_argument("--seed", type=seed_int, default=666, help="shuffling and sampling seed (official: 666)")
     parser.add_argument("--qrels", help="if given, print trec_eval metrics of the input and the reranked run")
     parser.set_defaults(func=run)
 

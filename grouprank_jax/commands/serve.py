@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from grouprank_jax.commands import seed_int
 from grouprank_jax.errors import UserError
 from grouprank_jax.serve.config import ServeConfig
 
@@ -36,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=d.temperature, help="rerank sampling (0 = greedy)")
     p.add_argument("--top-p", type=float, default=d.top_p, help="rerank sampling")
     p.add_argument("--top-k", type=int, default=d.top_k, help="rerank sampling (0 disables)")
-    p.add_argument("--seed", type=int, default=d.seed, help="rerank shuffling and sampling seed")
+    p.add_argument("--seed", type=seed_int, default=d.seed, help="rerank shuffling and sampling seed")
     p.set_defaults(func=run)
 
 

@@ -15,6 +15,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from grouprank_jax.commands import seed_int
+
 log = logging.getLogger(__name__)
 
 
@@ -74,7 +76,7 @@ def register(subparsers) -> None:
     s.add_argument("--rl-groups-per-query", type=int, default=1)
     s.add_argument("--interval-offset", choices=("random", "zero"), default="random")
     s.add_argument("--rl-gold", choices=("fused", "pointwise"), default="fused", help="RL gold labels")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_int, default=0)
     p.set_defaults(func=run)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -16,7 +18,9 @@ class SamplingParams:
         then top-k, then top-p (as HF's logits warpers).
     n: rollouts per prompt (GRPO's G); each prompt is prefilled once and its cache repeated.
     seed: PRNG seed of this call; the output row index and the step are folded in, so rows differ
-        and a call with the same seed and prompts reproduces its samples exactly.
+        and a call with the same seed and prompts reproduces its samples exactly. Taken modulo
+        2**32 (the sampler's key is 32-bit), so derived seeds such as ``seed + batch_start`` never
+        overflow.
     max_new_tokens: None takes the sampler's default.
     stop: strings that end a completion (kept in the output, since the reward parser needs e.g.
         the closing ``</answer>``); needs a tokenizer.
@@ -47,6 +51,9 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise TypeError(f"seed={self.seed!r} must be an integer")
+        object.__setattr__(self, "seed", int(self.seed) % 2**32)
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0:

@@ -119,6 +119,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
                 watcher.cancel()
             if cancel.is_set():
                 raise ClientGone()
+            response = JSONResponse(result, headers={"x-request-id": request_id})  # serializes here
         except APIError as err:
             if isinstance(err, ClientGone):
                 log.info("request %s (%s): the client disconnected", request_id, endpoint)
@@ -130,7 +131,7 @@ def create_app(engine: Engine, metrics: Metrics) -> FastAPI:
             metrics.request(endpoint, err.status, err.type)
             return error_response(err, request_id)
         metrics.request(endpoint, 200)
-        return JSONResponse(result, headers={"x-request-id": request_id})
+        return response
 
     def rerank_work(body, **kwargs):
         return rerank_documents(body, template=template, **kwargs)

@@ -49,6 +49,31 @@ class ServeConfig:
             raise UserError(f"--max-queue ({self.max_queue}) must be >= --max-batch ({self.max_batch})")
         if not 0.0 <= self.fusion_weight <= 1.0:
             raise UserError(f"--fusion-weight must be in [0, 1], got {self.fusion_weight}")
+        # Checked here, not at the first rerank request, where a bad value would fail every batch.
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must be in [0, 2**32), got {self.seed}")
+        self.mesh_shape()
+
+    def mesh_shape(self) -> tuple[int, int, int] | None:
+        """``--mesh data,fsdp,tensor`` as three integers (-1: the rest of the devices), or None."""
+        if self.mesh is None:
+            return None
+        parts = self.mesh.split(",")
+        try:
+            shape = tuple(int(x) for x in parts)
+        except ValueError:
+            shape = ()
+        if len(parts) != 3 or len(shape) != 3 or any(x == 0 or x < -1 for x in shape):
+            raise UserError(
+                f"--mesh must be data,fsdp,tensor: three integers >= 1 or -1 (e.g. 1,-1,1), got {self.mesh!r}"
+            )
+        return shape
 
     @property
     def model_name(self) -> str:

@@ -173,7 +173,7 @@ class Engine:
             from grouprank_jax.config import MeshConfig
             from grouprank_jax.parallel import make_mesh
 
-            mesh = make_mesh(MeshConfig(*(int(x) for x in self.cfg.mesh.split(","))))
+            mesh = make_mesh(MeshConfig(*self.cfg.mesh_shape()))
         model = load_model(self.cfg.model, mesh=mesh)
         self.sampler = Sampler(
             model,
@@ -230,17 +230,17 @@ class Engine:
             return
         s = live[0].settings
         prompts = [p for job in live for p in job.prompts]
-        params = SamplingParams(
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            n=1,
-            seed=live[0].seed,
-            max_new_tokens=s.max_new,
-            stop=s.stop,
-        )
         start = time.perf_counter()
-        try:
+        try:  # whatever fails here fails this batch's requests, never the worker thread
+            params = SamplingParams(
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                n=1,
+                seed=live[0].seed,
+                max_new_tokens=s.max_new,
+                stop=s.stop,
+            )
             out = self.sampler.generate(prompts, params)
         except BaseException as err:
             log.exception("serve: generate failed for a batch of %d generations", len(prompts))

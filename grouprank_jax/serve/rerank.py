@@ -11,6 +11,7 @@ every document carries a first-stage ``score``, ``w * that + (1 - w) * minmax(sc
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -49,6 +50,9 @@ def rerank_documents(
     if any(s is None for s in given) and any(s is not None for s in given):
         raise bad_request("give a first-stage score for every document or for none", "documents")
     fused = given[0] is not None
+    for i, score in enumerate(given):
+        if score is not None and not math.isfinite(score):
+            raise bad_request(f"documents[{i}].score must be a finite number, got {score}", f"documents.{i}.score")
     candidates = [Candidate(str(i), text, float(s or 0.0)) for i, (text, s) in enumerate(zip(texts, given))]
     rerank_cfg = RerankConfig(
         top_n=len(docs),

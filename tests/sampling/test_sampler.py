@@ -1,5 +1,7 @@
 """The sampler against HF transformers' generate, a teacher-forced forward, a mesh, and stops."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -130,6 +132,13 @@ def test_greedy_n_rows_equal_single_and_seed_reproducibility(pair):
     )
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert not np.array_equal(a.tokens, c.tokens)
+    # Seeds are taken modulo 2**32 (the key is 32-bit): derived seeds such as a server's
+    # ``seed + chunk`` past 2**32 - 1 draw like their wrapped value instead of overflowing.
+    wrapped = sampler.generate(prompts, dataclasses.replace(p, seed=11 + 2**32))
+    np.testing.assert_array_equal(wrapped.tokens, a.tokens)
+    assert SamplingParams(seed=-1).seed == 2**32 - 1
+    with pytest.raises(TypeError, match="must be an integer"):
+        SamplingParams(seed=1.5)
 
 
 def test_mesh_matches_single_device(pair):
@@ -144,14 +153,16 @@ def test_mesh_matches_single_device(pair):
     _, _, prompts = _prompts()
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     sharded = Sampler(shard_model(model, mesh), mesh=mesh, max_prompt_len=64, max_new_tokens=MAX_NEW)
-    params = SamplingParams(
-        temperature=0.0, n=2, max_new_tokens=10, ignore_eos=True
-    )  # shape shared with the test above
-    want = sampler.generate(prompts, params)
-    got = sharded.generate(prompts, params)
-    assert got.stats.batch_bucket == 4  # a multiple of data x fsdp
-    np.testing.assert_array_equal(got.tokens, want.tokens)
-    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    # Greedy, and sampled: every row must draw from its own stream wherever its shard lives.
+    for params in (
+        SamplingParams(temperature=0.0, n=2, max_new_tokens=10, ignore_eos=True),  # shape of the test above
+        SamplingParams(temperature=0.9, top_p=0.9, n=2, seed=5, max_new_tokens=10, ignore_eos=True),
+    ):
+        want = sampler.generate(prompts, params)
+        got = sharded.generate(prompts, params)
+        assert got.stats.batch_bucket == 4  # a multiple of data x fsdp
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
 
 
 @pytest.mark.parametrize("on_mesh", [False, True])

@@ -8,6 +8,7 @@ answers of the same server for concurrent clients, and the ``openai`` client for
 from __future__ import annotations
 
 import json
+import math
 import re
 import socket
 import time
@@ -201,6 +202,13 @@ BAD_INPUTS = [
     ("/v1/rerank", {"query": "x", "documents": ["d"] * 82}, 413, "request_too_large", None),
     ("/v1/rerank", {"query": "x", "documents": ["x" * 70000]}, 413, "request_too_large", None),
     ("/v1/rerank", {"model": "other", "query": "x", "documents": ["a"]}, 404, "model_not_found", "model"),
+    (  # JSON's Infinity: was a plain-text 500 (the response could not be serialized), counted as 200
+        "/v1/rerank",
+        {"query": "x", "documents": [{"text": "a", "score": 1.0}, {"text": "b", "score": float("inf")}]},
+        400,
+        "invalid_value",
+        "documents.1.score",
+    ),
     ("/v1/chat/completions", {"messages": []}, 400, "invalid_value", "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "missing_field", "messages.0.content"),
     ("/v1/chat/completions", _chat("x", n=9), 400, "invalid_value", "n"),
@@ -224,6 +232,25 @@ def test_bad_input_gets_its_error_and_the_server_keeps_serving(server, path, bod
     if code in ("prompt_too_long", "context_length_exceeded"):
         assert "256" in out["error"]["message"]  # names the limit
     assert server.post("/v1/completions", {"prompt": "still there?", "max_tokens": 2, "temperature": 0})[0] == 200
+
+
+def test_extreme_but_valid_inputs_are_answered(server):
+    """First-stage scores at the ends of the float64 range (their difference overflows), and a
+    seed near 2**32 whose later chunks (n x prompts > --max-batch) step past it: both used to fail
+    with a 500, the seed one also for other clients batched with it."""
+    before = server.metrics()
+    docs = [{"text": "tides and the moon", "score": 1e308}, {"text": "banana bread", "score": -1e308}]
+    status, out = server.post("/v1/rerank", {"query": "tides", "documents": docs})
+    assert status == 200, out
+    assert sorted(r["index"] for r in out["results"]) == [0, 1]
+    assert all(math.isfinite(r["relevance_score"]) for r in out["results"]), out
+    body = {"prompt": ["x", "y"], "n": 5, "max_tokens": 2, "temperature": 1.0, "seed": 2**32 - 1}
+    status, out = server.post("/v1/completions", body)
+    assert status == 200, out
+    assert len(out["choices"]) == 10
+    after = server.metrics()
+    key = 'grouprank_requests_total{endpoint="rerank",status="200"}'
+    assert after[key] - before.get(key, 0.0) == 1
 
 
 def test_wrong_method_is_405(server):
