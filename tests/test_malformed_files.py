@@ -76,6 +76,15 @@ def test_non_utf8_record_line_names_file_and_line(tmp_path):
         ([{"query": "q", "hits": []}], "nothing to rerank"),
         ([{"query": "q", "hits": [{"docid": "d", "content": "t", "score": "high"}]}], "entry 0 hit 0: score 'high'"),
         ([{"query": "q", "hits": [{"docid": "d", "content": None}]}], "entry 0 hit 0: content must be a string"),
+        # JSON's NaN: it used to turn every final score of the query into NaN
+        (
+            [{"query": "q", "hits": [{"docid": "d", "content": "t", "score": float("nan")}]}],
+            "hit 0: score nan is not finite",
+        ),
+        (
+            [{"query": "q", "hits": [{"docid": "d", "content": "t", "score": 1}, {"docid": "e", "content": "u"}]}],
+            "entry 0 hit 1: no score, while other hits of this entry have one",
+        ),
     ],
 )
 def test_rerank_input_problems_are_named_before_any_model_loads(tmp_path, hits, message):
@@ -98,3 +107,29 @@ def test_a_step_for_a_directory_without_steps_is_refused(tmp_path):
     with pytest.raises(ValueError, match="step=3 picks a checkpoint of a training run directory"):
         load_model(tmp_path / "ckpt", step=3)
     assert load_model(tmp_path / "ckpt").cfg.num_layers == model_preset("tiny").num_layers
+
+
+def test_rank_llm_hits_without_scores_keep_their_order(tmp_path):
+    """Hits without ``score`` are the first stage's ranking in list order: the top-N cut and the
+    fused scores follow that order (they used to follow docid order, all scores being 0)."""
+    from grouprank_jax.task.rerank import RerankConfig, load_candidates, rerank
+
+    docids = ["d9", "d7", "d5", "d1", "d0"]
+    path = tmp_path / "hits.json"
+    path.write_text(
+        json.dumps([{"query": "q", "hits": [{"qid": "q", "docid": d, "content": f"text of {d}"} for d in docids]}])
+    )
+    queries, candidates = load_candidates(str(path), None)
+    assert [c.docid for c in candidates["q"]] == docids
+    assert [c.score for c in candidates["q"]] == [1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5]
+    seen = []
+
+    def unparsable(prompts):  # every group fails to parse: the first stage decides
+        seen.extend(prompts)
+        return ["no answer"] * len(prompts)
+
+    run, _ = rerank(
+        queries, candidates, unparsable, lambda q, docs: " | ".join(docs), RerankConfig(top_n=2, group_size=2)
+    )
+    assert sorted(seen[0].split(" | ")) == ["text of d7", "text of d9"]  # the top 2 by hit order
+    assert sorted(run["q"], key=run["q"].get, reverse=True) == docids

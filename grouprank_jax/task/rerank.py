@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -91,8 +92,9 @@ def minmax(values: np.ndarray) -> np.ndarray:
     """[n] -> [n] in [0, 1]; all zeros when the values are constant."""
     if values.size == 0 or values.max() == values.min():
         return np.zeros(values.shape, np.float64)
-    low, high = values.min(), values.max()
-    return (values - low) / (high - low)
+    # Halved first (exact) so that finite scores near the float64 range cannot overflow.
+    half, low, high = values / 2, values.min() / 2, values.max() / 2
+    return (half - low) / (high - low)
 
 
 def _chunks(items: Sequence, size: int):
@@ -172,11 +174,26 @@ def load_candidates(data: str, run_path: str | None):
     return queries, candidates
 
 
-def _hit_score(hit: dict, where: str) -> float:
-    try:
-        return float(hit.get("score", 0.0))
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: score {hit.get('score')!r} is not a number") from None
+def _hit_scores(hits: list[dict], where: Callable[[int], str]) -> list[float]:
+    """First-stage scores of one rank_llm entry's hits. Hits without ``score`` (all of the
+    entry's, or an error) are scored by their position, 1 / (j + 1): the hit order is the first
+    stage's ranking, which the top-N cut and the fusion then keep."""
+    given = ["score" in h for h in hits]
+    if not any(given):
+        return [1.0 / (j + 1) for j in range(len(hits))]
+    if not all(given):
+        j = given.index(False)
+        raise ValueError(f"{where(j)}: no score, while other hits of this entry have one; give all or none")
+    scores = []
+    for j, hit in enumerate(hits):
+        try:
+            score = float(hit["score"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{where(j)}: score {hit['score']!r} is not a number") from None
+        if not math.isfinite(score):
+            raise ValueError(f"{where(j)}: score {hit['score']!r} is not finite")
+        scores.append(score)
+    return scores
 
 
 def _hit_text(hit: dict, where: str) -> str:
@@ -199,7 +216,8 @@ def _load_candidates(data: str, run_path: str | None):
         if run_path is None:
             candidates = {
                 e.qid: [
-                    Candidate(str(h["docid"]), h["content"], _hit_score(h, where(i, j))) for j, h in enumerate(e.hits)
+                    Candidate(str(h["docid"]), h["content"], score)
+                    for h, score in zip(e.hits, _hit_scores(e.hits, lambda j, i=i: where(i, j)))
                 ]
                 for i, e in enumerate(entries)
             }
