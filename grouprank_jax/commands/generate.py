@@ -14,7 +14,9 @@ import json
 import logging
 from pathlib import Path
 
-from grouprank_jax.commands import positive_int
+import jinja2
+
+from grouprank_jax.commands import positive_int, seed_int
 from grouprank_jax.sampling import Sampler, SamplingParams
 from grouprank_jax.tokenizer import load_tokenizer
 from grouprank_jax.weights.loading import load_model
@@ -35,16 +37,17 @@ def register(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
     p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--max-prompt-len", type=int, default=4096)
+    p.add_argument("--max-prompt-len", type=positive_int, default=4096)
     p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generate call")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable), e.g. --stop '</answer>'")
     p.set_defaults(func=run)
 
 
-def read_prompts(path: str | Path, tokenizer) -> list[list[int]]:
-    """Token-id prompts from a JSONL file; a malformed line raises ValueError naming file:line."""
-    prompts = []
+def read_prompts(path: str | Path, tokenizer, max_prompt_len: int | None = None) -> tuple[list[list[int]], list[str]]:
+    """(token-id prompts, their ``file:line``) from a JSONL file; a malformed line, or a prompt
+    over ``max_prompt_len`` tokens, raises ValueError naming file:line (before any model loads)."""
+    prompts, sources = [], []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -63,7 +66,9 @@ def read_prompts(path: str | Path, tokenizer) -> list[list[int]]:
             elif isinstance(record.get("messages"), list):
                 try:
                     text = tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
-                except (TypeError, KeyError, ValueError) as err:
+                except (TypeError, KeyError, ValueError, jinja2.TemplateError) as err:
+                    # e.g. a message without "content" (UndefinedError) or with a role the
+                    # template refuses (its raise_exception: TemplateError)
                     raise ValueError(f"{where}: cannot render 'messages' with the chat template ({err})") from err
                 ids = tokenizer.encode(text, add_special_tokens=False)
             else:
@@ -73,16 +78,23 @@ def read_prompts(path: str | Path, tokenizer) -> list[list[int]]:
                 )
             if not ids:
                 raise ValueError(f"{where}: the prompt is empty")
+            if max_prompt_len is not None and len(ids) > max_prompt_len:
+                raise ValueError(f"{where}: the prompt has {len(ids)} tokens, over --max-prompt-len {max_prompt_len}")
             prompts.append(list(ids))
+            sources.append(where)
     if not prompts:
         raise ValueError(f"{path}: no prompts")
-    return prompts
+    return prompts, sources
 
 
 def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer)
-    prompts = read_prompts(args.prompts, tokenizer)
+    prompts, sources = read_prompts(args.prompts, tokenizer, args.max_prompt_len)
     model = load_model(args.model)
+    vocab = model.cfg.vocab_size
+    for ids, where in zip(prompts, sources):
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"{where}: prompt_ids outside the model's vocabulary [0, {vocab})")
     sampler = Sampler(
         model, tokenizer=tokenizer, max_prompt_len=args.max_prompt_len, max_new_tokens=args.max_new_tokens
     )

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from grouprank_jax.cli import main
 from grouprank_jax.config import model_preset
@@ -70,6 +71,39 @@ def test_generate_cli_greedy_matches_the_sampler(tmp_path):
         want = direct.tokens[prompt, : direct.lengths[prompt]].tolist()
         assert rows[2 * prompt]["token_ids"] == want
         assert rows[2 * prompt]["text"] == direct.texts[prompt]
+
+
+def test_generate_names_the_line_of_a_bad_prompt_before_generating(tmp_path, capsys):
+    """Each prompt line is checked before the first batch runs: an over-long prompt or a chat
+    message the template cannot render is ``file:line`` and exit 2 before the model loads (they
+    were "prompt 0 has ..." after earlier batches were written, and an "unexpected" exit 1);
+    ``prompt_ids`` outside the model's vocabulary are named once the model is known."""
+    from grouprank_jax.models import create_model
+    from grouprank_jax.tokenizer import load_tokenizer
+    from grouprank_jax.weights import save_hf
+
+    save_hf(create_model(model_preset("tiny"), seed=3), tmp_path / "hf", tokenizer=load_tokenizer())
+    good = json.dumps({"prompt": "a short prompt"})
+    cases = [
+        (json.dumps({"prompt": "word " * 100}), "the prompt has 101 tokens, over --max-prompt-len 64"),
+        (json.dumps({"messages": [{"role": "user"}]}), "cannot render 'messages'"),
+        (json.dumps({"messages": [{"role": "tool", "content": "x"}]}), "cannot render 'messages'"),
+        (json.dumps({"prompt_ids": [1, 151936]}), "prompt_ids outside the model's vocabulary [0, 151936)"),
+    ]
+    for bad, message in cases:
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text(f"{good}\n\n{bad}\n")
+        out = tmp_path / "out.jsonl"
+        out.unlink(missing_ok=True)
+        argv = ["generate", "--model", str(tmp_path / "hf"), "--prompts", str(prompts), "--out", str(out)]
+        assert main(argv + ["--batch-size", "1", "--max-prompt-len", "64", "--max-new-tokens", "2"]) == 2, bad
+        err = capsys.readouterr().err
+        assert f"grouprank generate: error: {prompts}:3: " in err and message in err, err
+        assert not out.exists()  # nothing generated before the check
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", "m", "--prompts", "p", "--out", "o", "--seed", "-1"])
+    assert exit_.value.code == 2
+    assert "argument --seed: must be in [0, 2**32), got -1" in capsys.readouterr().err
 
 
 def test_bench_train_cli_writes_json(tmp_path, capsys):
