@@ -26,7 +26,13 @@ def _random_batch(seed, batch=300):
     return pred, valid, status, gold, mask
 
 
-def _oracle_group_reward(pred, valid, gold, mask, cfg):
+# The paper's R_G (paper-notes §3 Eq. 5), written out here rather than read from RewardConfig so
+# that a changed default fails the test: NDCG@10 + 0.2 Recall@10 + 0.1 (1 - JS), "relevant" =
+# gold >= 5 and epsilon 1e-6 (both INFERRED, README), invalid JSON -0.1 and bad tags -0.5 (Eq. 4).
+K, RECALL_WEIGHT, ALIGNMENT_WEIGHT, RELEVANT_AT, EPSILON = 10, 0.2, 0.1, 5, 1e-6
+
+
+def _oracle_group_reward(pred, valid, gold, mask):
     """NDCG/Recall from pytrec_eval, JS from scipy, docids chosen so earlier position wins ties."""
     import pytrec_eval
     from scipy.spatial.distance import jensenshannon
@@ -36,29 +42,26 @@ def _oracle_group_reward(pred, valid, gold, mask, cfg):
         ids = [f"{99 - i:02d}" for i in range(C)]  # descending strings = trec_eval's tie order
         qrels[f"q{b}"] = {ids[i]: int(gold[b, i]) for i in range(C) if mask[b, i]}
         run[f"q{b}"] = {ids[i]: float(pred[b, i]) for i in range(C) if valid[b, i]}
-    measures = {f"ndcg_cut.{cfg.k}", f"recall.{cfg.k}"}
+    measures = {f"ndcg_cut.{K}", f"recall.{K}"}
     ndcg_eval = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
-    recall_eval = pytrec_eval.RelevanceEvaluator(
-        qrels, measures, relevance_level=int(cfg.relevance_threshold)
-    ).evaluate(run)
+    recall_eval = pytrec_eval.RelevanceEvaluator(qrels, measures, relevance_level=RELEVANT_AT).evaluate(run)
     out = np.zeros(len(pred))
     for b in range(len(pred)):
         q = f"q{b}"
-        ndcg = ndcg_eval[q][f"ndcg_cut_{cfg.k}"] if q in ndcg_eval else 0.0  # empty run: skipped
-        recall = recall_eval[q][f"recall_{cfg.k}"] if q in recall_eval else 0.0
+        ndcg = ndcg_eval[q][f"ndcg_cut_{K}"] if q in ndcg_eval else 0.0  # empty run: skipped
+        recall = recall_eval[q][f"recall_{K}"] if q in recall_eval else 0.0
         m = mask[b]
-        p = np.where(valid[b], pred[b], 0.0)[m] + cfg.epsilon
-        g = gold[b][m] + cfg.epsilon
+        p = np.where(valid[b], pred[b], 0.0)[m] + EPSILON
+        g = gold[b][m] + EPSILON
         js = jensenshannon(p / p.sum(), g / g.sum(), base=2) ** 2
-        out[b] = cfg.ndcg_weight * ndcg + cfg.recall_weight * recall + cfg.alignment_weight * (1 - js)
+        out[b] = ndcg + RECALL_WEIGHT * recall + ALIGNMENT_WEIGHT * (1 - js)
     return out
 
 
 def test_group_reward_matches_oracle():
-    cfg = RewardConfig()
     pred, valid, status, gold, mask = _random_batch(0)
-    got = compute_rewards(pred, valid, status, gold, mask, cfg)
-    want = _oracle_group_reward(pred, valid, gold, mask, cfg)
+    got = compute_rewards(pred, valid, status, gold, mask, RewardConfig())
+    want = _oracle_group_reward(pred, valid, gold, mask)
     np.testing.assert_allclose(np.asarray(got["group_reward"]), want, atol=1e-5)
     answered = (valid & mask).any(axis=-1)  # rows scoring no document earn the bad-JSON reward
     assert 0 < (~answered).sum() < len(pred)
