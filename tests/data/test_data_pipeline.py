@@ -92,8 +92,9 @@ def test_jsonl_load_normalises_all_forms(tmp_path):
         tmp_path / "a.jsonl",
         [
             {"system": "s", "prompt": "p", "output": "o", "unused_extra": 1},
-            {"instruction": "do", "input": "this", "output": "ok"},
             "",  # blank lines are not records and do not shift line numbers
+            {"instruction": "do", "input": "this", "output": "ok"},
+            "",
         ],
     )
     b = _write_jsonl(
@@ -111,6 +112,10 @@ def test_jsonl_load_normalises_all_forms(tmp_path):
     assert rows[2]["gold"] == [1.0, 9.0]  # gold defaults to scores
     assert rows[3]["gold"] == [0.5] and rows[3]["scores"] == [4]
     assert rows[3]["source"] == f"{b}:2"
+    assert rows[1]["source"] == f"{a}:3"  # after the blank line 2
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [CHAT, "", {"query": "q", "documents": ["a"], "scores": [11]}])
+    with pytest.raises(DataError, match=rf"^{bad}:3: "):
+        load_records(bad, cache_dir=str(tmp_path / "cache"))
 
 
 def test_parquet_path_loads_and_names_rows(tmp_path):
