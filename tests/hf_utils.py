@@ -21,6 +21,8 @@ def make_hf_model(
     dtype="float32",
     bias_scale=0.1,
     weight_scale=1.0,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
 ):
     """A random-weight HF Qwen2ForCausalLM saved to ``out_dir`` (nonzero biases, so they are tested).
 
@@ -38,8 +40,8 @@ def make_hf_model(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=4096,
-        rms_norm_eps=1e-6,
-        rope_parameters={"rope_theta": 1_000_000.0, "rope_type": "default"},
+        rms_norm_eps=rms_norm_eps,
+        rope_parameters={"rope_theta": rope_theta, "rope_type": "default"},
         tie_word_embeddings=tied,
         attn_implementation="eager",
         bos_token_id=1,

@@ -7,13 +7,29 @@ from grouprank_jax.weights import load_hf
 
 from hf_utils import hf_logits, left_padded_batch, make_hf_model
 
-# (heads, kv_heads, tied): GQA ratios 1, 2 and 7, tied and untied heads.
-CASES = [(4, 4, False), (4, 2, True), (4, 2, False), (7, 1, True), (14, 2, False)]
+# (heads, kv_heads, tied, rope_theta, rms_norm_eps): GQA ratios 1, 2 and 7, tied and untied
+# heads; one case off Qwen2.5's theta and eps (our defaults), so both must come from config.json.
+CASES = [
+    (4, 4, False, 1e6, 1e-6),
+    (4, 2, True, 1e6, 1e-6),
+    (4, 2, False, 1e4, 1e-5),
+    (7, 1, True, 1e6, 1e-6),
+    (14, 2, False, 1e6, 1e-6),
+]
 
 
-@pytest.mark.parametrize("heads,kv_heads,tied", CASES)
-def test_fp32_logits_match_transformers(tmp_path, heads, kv_heads, tied):
-    hf = make_hf_model(tmp_path, hidden=heads * 16, heads=heads, kv_heads=kv_heads, tied=tied, seed=heads + kv_heads)
+@pytest.mark.parametrize("heads,kv_heads,tied,theta,eps", CASES)
+def test_fp32_logits_match_transformers(tmp_path, heads, kv_heads, tied, theta, eps):
+    hf = make_hf_model(
+        tmp_path,
+        hidden=heads * 16,
+        heads=heads,
+        kv_heads=kv_heads,
+        tied=tied,
+        seed=heads + kv_heads,
+        rope_theta=theta,
+        rms_norm_eps=eps,
+    )
     model = load_hf(tmp_path)
     ids, mask = left_padded_batch(np.random.default_rng(1), [5, 17, 11, 1], 512)
     expected = hf_logits(hf, ids, mask)
