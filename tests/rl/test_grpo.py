@@ -1,4 +1,5 @@
-"""GRPO: on-policy ratio = 1 on the first update, the 8-device update equals the 1-device one,
+"""GRPO: on-policy ratio = 1 on the first update, the trainer hands the update the configured
+group advantages, the 8-device update equals the 1-device one,
 and LoRA's reference policy is the base model."""
 
 import jax
@@ -49,6 +50,7 @@ def test_first_update_ratio_is_one_and_drift_is_logged(tmp_path, monkeypatch):
                 # Not 1: the sampler's old_logp and the update's logp must both be taken at the
                 # sampling temperature (TRL, verl), or the first ratio is not 1.
                 "temperature": 0.7,
+                "adv_eps": 0.5,  # off the default, to see that the trainer uses the configured one
             },
             "run_dir": str(tmp_path / "run"),
         }
@@ -60,8 +62,21 @@ def test_first_update_ratio_is_one_and_drift_is_logged(tmp_path, monkeypatch):
         "build_prompts",
         lambda tok, groups, *a: prompted.extend(groups) or real_build_prompts(tok, groups, *a),
     )
+    # A random-init model's rollouts all fail the format (equal rewards, zero advantages), so the
+    # rewards are set to known, unequal values here, and the advantages the update receives are
+    # checked against GRPO's group normalisation written out (verl: unbiased std, + eps).
+    rewards = np.array([1.0, 0.0, -0.5, 0.7], np.float32)  # 2 prompts x G = 2
+    real_score = rl_trainer.score_rollouts
+    monkeypatch.setattr(rl_trainer, "score_rollouts", lambda *a, **k: {**real_score(*a, **k), "reward": rewards})
+    received = []
+    real_shard = rl_trainer.shard_batch
+    monkeypatch.setattr(rl_trainer, "shard_batch", lambda rows, mesh: received.append(rows) or real_shard(rows, mesh))
     records = records_from_rows(ROWS, purpose="rl")
     result = train_grpo(cfg, records=records, max_steps=1, progress=False)
+    groups = rewards.reshape(2, 2)
+    want = (groups - groups.mean(1, keepdims=True)) / (groups.std(1, ddof=1, keepdims=True) + 0.5)
+    (rows,) = received
+    np.testing.assert_allclose(rows["advantages"], want.reshape(-1), atol=1e-6)
     written = {(r["query"], tuple(d["text"] for d in r["documents"]), tuple(r["gold"])) for r in records}
     assert len(prompted) == 2 and all((g.query, g.docs, g.gold) in written for g in prompted)
     metrics = result.metrics[0]
