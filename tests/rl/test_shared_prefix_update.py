@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from grad_checks import assert_gradients_close, gradient_recorder
 
 from grouprank_jax.config import MeshConfig, model_preset
 from grouprank_jax.models import create_model, shard_model
@@ -69,25 +70,6 @@ def test_logprobs_and_entropy_equal_per_rollout():
     assert m.sum() > 10
     np.testing.assert_allclose(np.asarray(logp_shared)[m], np.asarray(logp_row)[m], atol=1e-5)
     np.testing.assert_allclose(np.asarray(ent_shared)[m], np.asarray(ent_row)[m], atol=1e-5)
-
-
-def gradient_recorder() -> optax.GradientTransformation:
-    """Test double of an optimizer: leaves the weights alone and keeps the last gradient as its
-    state, so the update's gradient is read exactly (not as a difference of weights)."""
-    return optax.GradientTransformation(
-        lambda params: jax.tree.map(jnp.zeros_like, params),
-        lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads),
-    )
-
-
-def assert_gradients_close(grads, oracle, what):
-    """Every leaf within 1e-5 of its own scale (plus 1e-7 of the whole gradient's): an absolute
-    1e-5 alone would pass a wrong attention gradient, whose true size here is ~1e-9."""
-    total = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(oracle))))
-    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(oracle)):
-        err, scale = float(np.linalg.norm(got - want)), float(np.linalg.norm(want))
-        where = f"{what} {jax.tree_util.keystr(path)}"
-        assert err <= 1e-5 * scale + 1e-7 * total, f"{where}: |diff| {err:.3g}, |grad| {scale:.3g}"
 
 
 @pytest.mark.parametrize("lora", [False, True])
