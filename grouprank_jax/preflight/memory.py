@@ -48,6 +48,7 @@ from grouprank_jax.config import ModelConfig
 from grouprank_jax.models.attention import resolve_impl
 from grouprank_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from grouprank_jax.preflight.shapes import ModelShape, local_dim
+from grouprank_jax.sampling.batch import next_pow2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +123,7 @@ def _train_temporaries(
         "full": a * x.d,
     }[cfg.remat]
     work = a * 3 * x.f if cfg.remat == "none" else a * (6 * x.f + 2 * x.d + 2 * x.n * x.h) + attn
-    grads = 4 * s.trainable_count * (3 if accumulate else 2)
+    grads = s.trainable_bytes * (3 if accumulate else 2)
     logits_tokens = min(loss_tokens, chunk, t)
     overlap = latency_hiding_overlap(cfg, platform, xla_options) if cfg.remat != "none" else 0.0
     hoist = accumulate if hoist_gathers is None else hoist_gathers
@@ -227,7 +228,9 @@ def stage_functions(
     s = ModelShape(cfg, dict(mesh_shape), lora)
     shards = mesh_shape["data"] * mesh_shape["fsdp"]
     params = MemoryLine("params", s.param_bytes, f"{cfg.param_dtype}, sharded by the rules")
-    opt = MemoryLine("optimizer (AdamW)", s.opt_bytes, "mu + nu in fp32" + (", LoRA adapters only" if lora else ""))
+    opt = MemoryLine(
+        "optimizer (AdamW)", s.opt_bytes, f"mu + nu in {cfg.param_dtype}" + (", LoRA adapters only" if lora else "")
+    )
     if stage == "sft":
         sft = run.sft
         batch = MemoryLine("batch", 6 * 4 * sft.grad_accum_steps * sft.per_device_batch * sft.max_seq_len, "int32")
@@ -255,7 +258,7 @@ def stage_functions(
     mini_rows = g.mini_batch_prompts * G
     micro = g.micro_batch_rows or mini_rows
     micro_local = _div(micro, shards)
-    ref_copy = 4 * s.trainable_count if (g.kl_coef and not lora) else 0.0  # frozen copy, param dtype
+    ref_copy = s.trainable_bytes if (g.kl_coef and not lora) else 0.0  # frozen copy, param dtype
     rows_local = _div(mini_rows, shards)
     batch = MemoryLine("rollout rows", rows_local * ((P + C) * 8 + C * 16 + 4), "ids, masks, log-probs, advantages")
     fixed = [params, opt, batch]
@@ -288,7 +291,9 @@ def stage_functions(
             ref.append(prompt_kv)
         ref += _forward_temporaries(s, ref_tokens, platform, True, chunk)
         out.append(FunctionEstimate("grpo_ref_logprobs", tuple(ref), s.opt_bytes + ref_copy, "optimizer state"))
-    prompts_local = _div(g.global_batch_prompts, shards)
+    # The sampler pads a call's prompts to a power of two that the batch shards divide
+    # (Sampler.bucket_shape): 12 prompts compile (and hold KV) as 16.
+    prompts_local = _div(-(-next_pow2(g.global_batch_prompts) // shards) * shards, shards)
     resident, note = s.opt_bytes + ref_copy, "optimizer state" + (" + KL reference" if ref_copy else "")
     rows = prompts_local * G
     step = MemoryLine(

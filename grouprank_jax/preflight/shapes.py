@@ -131,9 +131,16 @@ class ModelShape:
     def frozen_count(self) -> float:
         return sum(self.local_count(p) for p in self.params if not p.lora)
 
+    @functools.cached_property
+    def trainable_bytes(self) -> float:
+        """The trained parameters in their own dtype: also the size of their gradients, of the
+        frozen KL reference copy, and of each AdamW moment (optax keeps mu and nu in the
+        parameters' dtype: bf16 parameters have bf16 moments)."""
+        return sum(self.local_count(p) * p.itemsize for p in self.params if p.lora or not self.lora)
+
     @property
     def opt_bytes(self) -> float:
-        return 8 * self.trainable_count  # AdamW mu + nu in fp32
+        return 2 * self.trainable_bytes  # AdamW mu + nu
 
     def gathered_layer_bytes(self, layers: int) -> float:
         """``layers`` decoder layers' weights in the compute dtype, gathered over fsdp (FSDP

@@ -4,6 +4,7 @@ test_compile.py)."""
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -197,3 +198,44 @@ def test_plan_reads_grpo_micro_batch_rows_in_trainer_units():
     bad = pl.plan(run_config_from_dict(base), topology, stages=("grpo",))
     assert any("micro_batch_rows=48 does not divide" in v for v in bad.violations)
     assert any("micro_batch_rows=48 is not a multiple of data*fsdp=32" in v for v in bad.violations)
+
+
+def test_sampler_estimates_follow_the_samplers_power_of_two_batch():
+    """The sampler pads 12 prompts to 16 (``Sampler.bucket_shape``) and compiles that program:
+    the plan's prefill and decode for 12 prompts are the 16-prompt ones (they were 3/4 of them)."""
+    sizes = {}
+    for prompts in (12, 16):
+        run = run_config_from_dict(
+            {
+                "model": {"preset": "qwen2.5-0.5b", "dtype": "bfloat16"},
+                "mesh": {"fsdp": -1, "tensor": 1},
+                "grpo": {"global_batch_prompts": prompts, "mini_batch_prompts": 4, "max_prompt_len": 2048},
+            }
+        )
+        est = memory.function_estimates(run, pl.parse_topology("v5p-8"), ("grpo",))
+        sizes[prompts] = (est["sampler_prefill"], est["sampler_decode"])
+    assert sizes[12] == sizes[16]
+
+
+def test_optimizer_gradient_and_reference_bytes_follow_the_param_dtype():
+    """optax's AdamW keeps mu and nu in the parameters' dtype: with bf16 parameters the plan's
+    optimizer line equals the abstract train state's (it assumed fp32, twice the real size)."""
+    from grouprank_jax.preflight.aot import abstract_train_state
+    from grouprank_jax.sft.step import make_sft_optimizer
+
+    for dtype in ("float32", "bfloat16"):
+        run = run_config_from_dict({"model": {"preset": "tiny", "param_dtype": dtype}, "mesh": {"fsdp": 4}})
+        mesh = make_mesh(run.mesh, jax.devices()[:4])
+        state = abstract_train_state(run.model, mesh, make_sft_optimizer(run.sft, 10), lora=False)
+        real = sum(_shard_bytes(x) for x in jax.tree.leaves(state.opt_state))
+        (sft,) = memory.stage_functions(run, "sft", {"data": 1, "fsdp": 4, "tensor": 1}, "tpu")
+        planned = next(x.bytes for x in sft.lines if x.name == "optimizer (AdamW)")
+        assert planned == pytest.approx(real, rel=0.01), (dtype, planned, real)
+        shape = shapes.ModelShape(run.model, {"data": 1, "fsdp": 4, "tensor": 1}, lora=False)
+        assert shape.trainable_bytes == pytest.approx(sum(_shard_bytes(x) for x in jax.tree.leaves(state.trainable)))
+
+
+def _shard_bytes(x) -> int:
+    import math
+
+    return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
