@@ -107,7 +107,9 @@ def reason_messages(
 # ---- pointwise -------------------------------------------------------------------------------
 
 _NUMBER = r"([-+]?\d+(?:\.\d+)?)"
-_SCORE = re.compile(r"relevance\s*score\s*\**\s*[:=]?\s*\**\s*" + _NUMBER + r"(\s*/\s*10(?![\d.]))?", re.IGNORECASE)
+# "/10" counts when no digit follows it, directly or after a decimal point ("/100" and "/10.5" are
+# another scale; the full stop of "8/10." ends the sentence, as prompt D.1's "Relevance score: X.").
+_SCORE = re.compile(r"relevance\s*score\s*\**\s*[:=]?\s*\**\s*" + _NUMBER + r"(\s*/\s*10(?!\d|\.\d))?", re.IGNORECASE)
 _BARE = re.compile(r"\s*\**\s*" + _NUMBER + r"(\s*/\s*10)?\s*\**\s*\.?\s*")
 
 

@@ -181,6 +181,9 @@ def test_mix_parsing_and_targets():
         ("Relevance score: 11", None),
         ("Relevance score: -1", None),
         ("Relevance score: 10/100", None),
+        ("Relevance score: 8/10.", 8),  # the sentence's full stop (D.1 asks for "Relevance score: X.")
+        ("Relevance score: 10/10. The passage answers it.", 10),
+        ("Relevance score: 8/10.5", None),
         ("The document is relevant.", None),
         ("", None),
     ],
