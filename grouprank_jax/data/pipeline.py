@@ -95,6 +95,14 @@ class _Tokenize:
         self._fn, self._seq_len, self._truncation = tokenize_fn, seq_len, truncation
 
     def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        prompt, target, _ = self._tokens(record)
+        return {
+            "ids": np.concatenate([prompt, target]),
+            "is_target": np.concatenate([np.zeros_like(prompt), np.ones_like(target)]),
+        }
+
+    def _tokens(self, record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, int]:
+        """(prompt, target) as trained after truncation, and the record's length before it."""
         where = record.get("source") or "<record>"
         prompt_ids, target_ids = self._fn(_checked(record))
         prompt = np.asarray(prompt_ids, dtype=np.int32).reshape(-1)
@@ -106,11 +114,9 @@ class _Tokenize:
                 f"{where}: tokenize_fn returned {prompt.size} prompt and "
                 f"{target.size} target tokens; both must be non-empty"
             )
+        full = prompt.size + target.size
         prompt, target = self._fit(prompt, target, where)
-        return {
-            "ids": np.concatenate([prompt, target]),
-            "is_target": np.concatenate([np.zeros_like(prompt), np.ones_like(target)]),
-        }
+        return prompt, target, full
 
     def _fit(self, prompt: np.ndarray, target: np.ndarray, where: str):
         total, limit = prompt.size + target.size, self._seq_len
@@ -351,6 +357,27 @@ def sft_dataset(
         return _PackedBatches(ds.to_iter_dataset(read_options), seq_len, batch_size, pad_id, drop_remainder)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=_PadToBucket(buckets, pad_id))
     return ds.to_iter_dataset(read_options)
+
+
+def sft_token_lengths(
+    records: Sequence[Mapping[str, Any]], tokenize_fn: TokenizeFn, seq_len: int, truncation: str = "error"
+) -> tuple[np.ndarray, np.ndarray]:
+    """([n] tokens each record trains on after ``truncation``, [n] its tokens before): one pass
+    over the data before training, so an over-long record (``truncation="error"``) or a malformed
+    one is named by its file:line before any model is built, and packed epochs count rows."""
+    tokenize = _Tokenize(tokenize_fn, seq_len, truncation)
+    kept, full = [], []
+    for record in records:
+        prompt, target, length = tokenize._tokens(record)
+        kept.append(prompt.size + target.size)
+        full.append(length)
+    return np.asarray(kept, dtype=np.int64), np.asarray(full, dtype=np.int64)
+
+
+def packed_rows(lengths: np.ndarray, seq_len: int) -> int:
+    """Rows of ``seq_len`` tokens that one epoch of examples of these lengths fills when packed
+    (a lower bound: first-fit packing leaves some room at the end of rows)."""
+    return max(1, -(-int(lengths.sum()) // seq_len))
 
 
 def _checked_rl(record: Mapping[str, Any]) -> Mapping[str, Any]:

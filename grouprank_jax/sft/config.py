@@ -24,10 +24,18 @@ class SFTConfig:
     min_lr_ratio: float = 0.0  # cosine decays to this fraction of the peak
     total_steps: int | None = None  # None: derived from epochs and the data size
     length_buckets: tuple[int, ...] | None = None  # padded lengths of unpacked batches (None: powers of 2 >= 256)
+    # A record over max_seq_len: "error" (every record is checked before the model is built and
+    # an over-long one is named by file:line), or cut "left" (drops the start of the prompt: the
+    # system prompt, the query) or "right" (drops the end of the target). [INFERRED]
+    truncation: str = "error"
     lora_rank: int = 0  # full fine-tuning for 7B, LoRA for 32B [paper Table 8]
     lora_alpha: float = 32.0
     # [INFERRED] the paper names no SFT targets; all linear layers, as its RL stage [Table 10].
     lora_targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        if self.truncation not in ("error", "left", "right"):
+            raise ValueError(f"sft.truncation={self.truncation!r}; choose 'error', 'left' or 'right'")
 
     def replace(self, **changes) -> SFTConfig:
         return dataclasses.replace(self, **changes)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -15,7 +16,7 @@ import numpy as np
 
 from grouprank_jax.config.run import RunConfig
 from grouprank_jax.config.yaml_io import to_dict
-from grouprank_jax.data.pipeline import chat_tokenize_fn, pad_batch, sft_dataset
+from grouprank_jax.data.pipeline import chat_tokenize_fn, packed_rows, pad_batch, sft_dataset, sft_token_lengths
 from grouprank_jax.parallel.distributed import agree_max
 from grouprank_jax.sft.render import GroupRankRender
 from grouprank_jax.sft.step import loss_rows_bucket, make_sft_optimizer, make_sft_step
@@ -25,6 +26,8 @@ from grouprank_jax.training.loop import TrainResult, train_loop
 from grouprank_jax.training.run_dir import RunDir, save_base_weights, stage_records
 from grouprank_jax.training.state import init_train_state, shard_batch
 from grouprank_jax.weights.loading import initial_model, with_lora
+
+log = logging.getLogger(__name__)
 
 
 def _stack_accum(batch: dict[str, np.ndarray], accum: int) -> dict[str, np.ndarray]:
@@ -55,6 +58,17 @@ def train_sft(
     records = stage_records(records, cfg.data.sft_train, "sft", "sft_train")
     load_template(cfg.prompt.preset)  # a bad preset fails here, not after the model is built
     render = GroupRankRender(cfg.prompt.preset, cfg.prompt.max_doc_chars)
+    tokenize_fn = chat_tokenize_fn(tokenizer, render)
+    lengths, full = sft_token_lengths(records, tokenize_fn, sft.max_seq_len, sft.truncation)  # all checked
+    cut = int((full > sft.max_seq_len).sum())
+    if cut:
+        log.warning(
+            "sft: %d of %d records exceed sft.max_seq_len=%d and are cut (sft.truncation=%s)",
+            cut,
+            len(records),
+            sft.max_seq_len,
+            sft.truncation,
+        )
     model = model if model is not None else initial_model(cfg.init_from, cfg.model, mesh, seed=cfg.seed)
     lora = sft.lora_rank > 0
     if lora:
@@ -69,7 +83,9 @@ def train_sft(
             f"micro-batch do not split over {jax.process_count()} processes"
         )
     per_process_batch = sft.per_device_batch * batch_shards // jax.process_count() * sft.grad_accum_steps
-    steps_per_epoch = max(1, len(records) // (per_process_batch * jax.process_count()))
+    # An epoch in rows: with packing, several records share a row.
+    rows_per_epoch = packed_rows(lengths, sft.max_seq_len) if sft.packing else len(records)
+    steps_per_epoch = max(1, rows_per_epoch // (per_process_batch * jax.process_count()))
     total_steps = sft.total_steps or max(1, math.ceil(sft.epochs * steps_per_epoch))
     total_steps = total_steps if max_steps is None else min(total_steps, max_steps)
     tx = make_sft_optimizer(sft, total_steps)
@@ -77,12 +93,12 @@ def train_sft(
     data_iter = iter(
         sft_dataset(
             records,
-            chat_tokenize_fn(tokenizer, render),
+            tokenize_fn,
             seq_len=sft.max_seq_len,
             batch_size=per_process_batch,
             seed=cfg.seed,
             packing=sft.packing,
-            truncation="left",
+            truncation=sft.truncation,
             length_buckets=sft.length_buckets,
         )
     )

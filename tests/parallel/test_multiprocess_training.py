@@ -48,7 +48,7 @@ WORKER = textwrap.dedent(
     cfg = run_config_from_dict({
         "model": {"preset": "tiny", "loss_chunk_size": 128}, "run_dir": run_dir + "/sft", "seed": 3,
         "prompt": {"preset": "demo"},
-        "sft": {"per_device_batch": 1, "max_seq_len": 128, "length_buckets": [128],
+        "sft": {"per_device_batch": 1, "max_seq_len": 160, "length_buckets": [160],
                 "total_steps": 2, "learning_rate": 1e-3},
         "grpo": {"rollouts_per_prompt": 2, "global_batch_prompts": 4, "mini_batch_prompts": 2, "max_prompt_len": 128,
                  "max_response_len": 12, "group_sampling": "redraw", "group_size_min": 3, "group_size_max": 4,

@@ -143,3 +143,72 @@ def test_input_mistakes_fail_before_the_model_is_built(tmp_path):
     with pytest.raises(ValueError, match="nope"):
         train_sft(run_config_from_dict({**base, "prompt": {"preset": "nope"}}), records=rows, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def _grouprank_rows(n, docs=3):
+    return [
+        {"query": f"query {i}", "documents": [f"passage {j} about {i}" for j in range(docs)], "scores": [i % 11, 3, 0]}
+        for i in range(n)
+    ]
+
+
+def test_an_over_long_record_is_named_before_the_model_is_built(tmp_path, caplog):
+    """sft.truncation "error" (the default): every record is measured first, and one over
+    sft.max_seq_len is named by file:line before anything is built (it used to be cut from the
+    left silently, losing its system prompt and query); "left" cuts it with a warning."""
+    import json
+
+    from grouprank_jax.config.run import run_config_from_dict
+    from grouprank_jax.data.records import DataError
+    from grouprank_jax.sft.trainer import train_sft
+
+    data = tmp_path / "sft.jsonl"
+    rows = _grouprank_rows(2)
+    rows[1]["documents"][0] = "long " * 400
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = {
+        "model": {"preset": "tiny"},
+        "prompt": {"preset": "compact"},
+        "data": {"sft_train": [str(data)]},
+        "sft": {"per_device_batch": 1, "grad_accum_steps": 1, "max_seq_len": 256, "packing": False, "total_steps": 1},
+        "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+        "checkpoint": {"async_save": False},
+        "run_dir": str(tmp_path / "run"),
+    }
+    with pytest.raises(DataError, match=rf"{data}:2: \d+ prompt \+ \d+ target tokens = \d+ > seq_len=256"):
+        train_sft(run_config_from_dict(base), progress=False)
+    assert not (tmp_path / "run").exists()
+    base["sft"]["truncation"] = "left"
+    with caplog.at_level("WARNING"):
+        train_sft(run_config_from_dict(base), progress=False)
+    assert "1 of 2 records exceed sft.max_seq_len=256 and are cut (sft.truncation=left)" in caplog.text
+
+
+def test_packed_epochs_count_rows_not_records(tmp_path):
+    """With packing several records share a row: sft.epochs = 1 trains about one epoch of target
+    tokens (it trained ~records-per-row epochs, with the LR schedule stretched as much)."""
+    from grouprank_jax.config.run import run_config_from_dict
+    from grouprank_jax.data.pipeline import chat_tokenize_fn, sft_token_lengths
+    from grouprank_jax.data.records import records_from_rows
+    from grouprank_jax.sft.render import GroupRankRender
+    from grouprank_jax.sft.trainer import train_sft
+    from grouprank_jax.tokenizer import load_tokenizer
+
+    records = records_from_rows(_grouprank_rows(24), purpose="sft")
+    cfg = run_config_from_dict(
+        {
+            "model": {"preset": "tiny"},
+            "prompt": {"preset": "compact"},
+            "sft": {"per_device_batch": 1, "grad_accum_steps": 1, "max_seq_len": 512, "packing": True, "epochs": 1},
+            "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+            "checkpoint": {"async_save": False},
+            "run_dir": str(tmp_path / "run"),
+        }
+    )
+    tokenize = chat_tokenize_fn(load_tokenizer(), GroupRankRender("compact", cfg.prompt.max_doc_chars))
+    lengths, _ = sft_token_lengths(records, tokenize, 512)
+    assert lengths.sum() > 3 * 512  # several records per row, several rows
+    epoch_targets = sum(len(tokenize(r)[1]) for r in records)
+    result = train_sft(cfg, records=records, progress=False)
+    trained = sum(m["sft/loss_tokens"] for m in result.metrics)
+    assert 0.7 * epoch_targets <= trained <= 1.3 * epoch_targets, (trained, epoch_targets, len(result.metrics))

@@ -114,6 +114,7 @@ def _train_config(run_dir, stage: str) -> dict:
             "length_buckets": [512],
             "packing": False,
             "total_steps": 1,
+            "truncation": "left",  # synth's 20-document groups exceed this cheap run's 512 tokens
         }
     else:
         cfg["grpo"] = {
