@@ -100,6 +100,17 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         return tuple(value)
+    if origin is tuple:
+        # One value for a list field (`data.sft_train=a.jsonl` on the command line) is a list of
+        # one; anything else would later be iterated character by character.
+        if (
+            len(args) == 2
+            and args[1] is Ellipsis
+            and isinstance(value, (str, int, float))
+            and not isinstance(value, bool)
+        ):
+            return (coerce(value, args[0], f"{where}[0]"),)
+        raise ValueError(f"{where}: expected a list, e.g. [a, b], got {value!r} ({type(value).__name__})")
     if isinstance(value, list):
         return tuple(value)
     if annotation is bool:

@@ -2,6 +2,8 @@
 PyYAML (YAML 1.1) reads ``1e-5`` as a string, which must become the float the field declares,
 and a value of the wrong kind is an error that names the key, before anything runs."""
 
+import re
+
 import jax.numpy as jnp
 import pytest
 
@@ -38,12 +40,22 @@ def test_exponent_floats_from_overrides_and_files_are_floats(tmp_path):
         ("sft.packing=maybe", "sft.packing: expected bool, got 'maybe'"),
         ("model.num_layers=many", "model.num_layers: expected int, got 'many'"),
         ("seed=x", "seed: expected int, got 'x'"),
+        ("sft.length_buckets={a: 1}", "sft.length_buckets: expected a list, e.g. [a, b]"),
+        ("sft.length_buckets=big", "sft.length_buckets[0]: expected int, got 'big'"),
     ],
 )
 def test_a_value_of_the_wrong_type_names_the_key(override, message):
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")) as err:
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
         load_run_config(CONFIG, [override])
     assert str(CONFIG) in str(err.value)
+
+
+def test_one_value_for_a_list_field_is_a_list_of_one():
+    """``data.sft_train=a.jsonl`` on the command line (no brackets) used to stay a string, which
+    was then read as the files "/", "t", "m", ... ("/: file not found")."""
+    run = load_run_config(CONFIG, ["data.sft_train=/data/a.jsonl", "sft.length_buckets=512", "sft.lora_targets=q_proj"])
+    assert run.data.sft_train == ("/data/a.jsonl",)
+    assert run.sft.length_buckets == (512,) and run.sft.lora_targets == ("q_proj",)
 
 
 @pytest.mark.parametrize("key", ["lora_rank", "lora_alpha", "lora_targets"])
