@@ -91,6 +91,8 @@ def _teacher(args, role: str, cache, loaded: dict):
     if url:
         if not model:
             raise UserError(f"--{role}-url needs --{role}-model (the model name the endpoint serves)")
+        if not url.startswith(("http://", "https://")):
+            raise UserError(f"--{role}-url {url}: give the scheme, e.g. http://{url}")
         cfg = HttpConfig(
             url=url,
             model=model,
@@ -166,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if not Path(args.data).exists():
         raise UserError(f"--data {args.data}: no such file or directory")
+    if args.qrels:  # read now, not after every teacher call has been paid for
+        from grouprank_jax.data.formats import read_qrels
+
+        read_qrels(args.qrels)
     for role in ("pointwise", "listwise"):
         if not getattr(args, f"{role}_url") and not getattr(args, f"{role}_model"):
             raise UserError(f"give the {role} teacher: --{role}-url URL --{role}-model NAME, or --{role}-model PATH")

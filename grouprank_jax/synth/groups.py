@@ -72,11 +72,13 @@ def mix_weights(mix: str, sizes: Sequence[int]) -> dict[int, float]:
             weights[int(size)] = float(weight)
         except ValueError:
             raise ValueError(f"--group-mix {mix!r}: expected 'paper', 'uniform' or 'SIZE:WEIGHT,...'") from None
-        if not sep or float(weight) < 0:
-            raise ValueError(f"--group-mix {mix!r}: expected 'SIZE:WEIGHT' pairs with weights >= 0")
+        if not sep or not math.isfinite(float(weight)) or float(weight) < 0:
+            raise ValueError(f"--group-mix {mix!r}: expected 'SIZE:WEIGHT' pairs with finite weights >= 0")
     unknown = sorted(set(weights) - set(sizes))
     if unknown:
         raise ValueError(f"--group-mix names sizes {unknown} that --group-sizes does not allow")
+    if not sum(weights.values()) > 0:
+        raise ValueError(f"--group-mix {mix!r}: every weight is 0, so no group could be drawn")
     return {s: weights.get(s, 0.0) for s in sizes}
 
 

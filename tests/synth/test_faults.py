@@ -94,6 +94,16 @@ def test_api_key_from_the_environment_and_a_refusing_teacher_is_one_line(tmp_pat
     assert secret not in written and secret not in capsys.readouterr().err
     assert main(["synth", "--data", str(data), "--out", str(tmp_path / "x"), "--pointwise-model", "m"]) == 2
     assert "give the listwise teacher" in capsys.readouterr().err
+    # Mistakes found before any teacher call: a URL without its scheme (it was retried for ~40 s
+    # as a transient failure), a --qrels file that is not there (read only after every call).
+    bare = ["--pointwise-url", "127.0.0.1:9/v1", "--pointwise-model", "m"]
+    bare += ["--listwise-url", "http://127.0.0.1:9/v1", "--listwise-model", "m"]
+    assert main(["synth", "--data", str(data), "--out", str(tmp_path / "y"), *bare]) == 2
+    assert "--pointwise-url 127.0.0.1:9/v1: give the scheme, e.g. http://127.0.0.1:9/v1" in capsys.readouterr().err
+    with TeacherServer(dl19["queries"], dl19["texts"], dl19["qrels"]) as server:
+        args = ["synth", "--data", str(data), *teacher_args(server.url), "--qrels", str(tmp_path / "none.qrels")]
+        assert main([*args, "--out", str(tmp_path / "z")]) == 2
+        assert "none.qrels" in capsys.readouterr().err and not server.log
 
 
 def test_sliding_window_beyond_the_listwise_window_is_rank_llms(tmp_path, dl19):  # noqa: F811

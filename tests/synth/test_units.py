@@ -154,6 +154,10 @@ def test_mix_parsing_and_targets():
     assert w[10] == 9321 and w[20] == 8711 and w[5] == w[19] == 87
     with pytest.raises(ValueError, match="does not allow"):
         mix_weights("30:1", parse_sizes("5-20"))
+    with pytest.raises(ValueError, match="finite weights >= 0"):  # was an unexpected error after the calls
+        mix_weights("10:inf,20:1", parse_sizes("5-20"))
+    with pytest.raises(ValueError, match="every weight is 0"):  # was 0 records and exit 0
+        mix_weights("10:0,20:0", parse_sizes("5-20"))
     # gold: the scores sorted descending, handed out in fused order
     assert fused_gold([3, 9, 5], fused_rank=[2, 7, 4]) == [9.0, 3.0, 5.0]
     assert template_reasoning([9, 5, 0]) == (
