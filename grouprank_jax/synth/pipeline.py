@@ -89,6 +89,12 @@ def load_first_stage(cfg: SynthConfig) -> tuple[dict[str, str], dict[str, str], 
     return queries, texts, runs
 
 
+def _file_stamps(path: Path) -> list:
+    """[[relative name, size, mtime_ns], ...] of a file, or of every file under a directory."""
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    return [[str(f.relative_to(path)) if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 def _pools(cfg: SynthConfig) -> tuple[dict[str, str], dict[str, str], Pools]:
     """Stage 1, saved to ``pools.json`` and reused while its inputs and options are unchanged."""
     path = Path(cfg.out) / "pools.json"
@@ -96,6 +102,8 @@ def _pools(cfg: SynthConfig) -> tuple[dict[str, str], dict[str, str], Pools]:
         "data": str(Path(cfg.data).resolve()),
         "runs": [str(Path(r).resolve()) for r in cfg.runs],
         "options": dataclasses.asdict(cfg.pools),
+        # size and mtime of every input file: an edited query, document or run rebuilds the pools
+        "stamps": [_file_stamps(Path(x)) for x in (cfg.data, *cfg.runs)],
     }
     saved = {}
     if path.exists():

@@ -257,3 +257,29 @@ def test_a_damaged_middle_line_is_an_error_naming_it_and_nothing_is_lost(tmp_pat
     path.write_bytes(b"".join(lines))  # repaired: every entry loads, and the lock was released
     with DiskCache(path) as cache:
         assert len(cache) == 4 and cache.get("k3") == Completion("answer 3")
+
+
+def test_pools_are_rebuilt_when_an_input_file_changes(tmp_path):
+    """pools.json is reused while the inputs are unchanged; editing --data in place (same path,
+    same options) rebuilds it (the fingerprint held only paths and options)."""
+    import json
+    import os
+
+    from grouprank_jax.synth.pipeline import SynthConfig, _pools
+    from grouprank_jax.synth.pools import PoolConfig
+
+    data = tmp_path / "hits.json"
+
+    def write(query: str):
+        hits = [{"qid": "q1", "docid": f"d{i}", "content": f"text {i}", "score": 10.0 - i} for i in range(6)]
+        data.write_text(json.dumps([{"query": query, "hits": hits}]))
+
+    cfg = SynthConfig(data=str(data), out=str(tmp_path / "out"), pools=PoolConfig(top=3, random=2, depth=6))
+    (tmp_path / "out").mkdir()
+    write("original query")
+    assert _pools(cfg)[0] == {"q1": "original query"}
+    assert _pools(cfg)[0] == {"q1": "original query"}  # reused
+    write("edited query")
+    stat = data.stat()
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a later mtime, as an editor leaves
+    assert _pools(cfg)[0] == {"q1": "edited query"}
