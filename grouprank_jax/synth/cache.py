@@ -31,6 +31,9 @@ class Completion:
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Not an answer of the teacher (e.g. a prompt over the in-process teacher's length limit):
+    # used for this run, never cached, so a rerun with a larger limit asks again.
+    cacheable: bool = True
 
 
 def cache_key(model: str, body: dict) -> str:

@@ -183,7 +183,8 @@ class Teacher:
 
         def on_done(j: int, completion: Completion) -> None:
             i = todo[j]
-            self.cache.put(keys[i], self.model, completion)
+            if completion.cacheable:
+                self.cache.put(keys[i], self.model, completion)
             results[i] = completion
             self.stats.requests += 1
             self.stats.prompt_tokens += completion.prompt_tokens

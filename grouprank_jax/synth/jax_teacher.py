@@ -84,7 +84,7 @@ class JaxBackend:
                         len(ids),
                         self.max_prompt_len,
                     )
-                    on_done(i, Completion("", len(ids), 0))
+                    on_done(i, Completion("", len(ids), 0, cacheable=False))
                 else:
                     encoded[i] = ids
             ready = list(encoded)

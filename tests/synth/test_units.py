@@ -283,3 +283,31 @@ def test_pools_are_rebuilt_when_an_input_file_changes(tmp_path):
     stat = data.stat()
     os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # a later mtime, as an editor leaves
     assert _pools(cfg)[0] == {"q1": "edited query"}
+
+
+def test_an_answer_that_is_not_the_teachers_is_not_cached(tmp_path):
+    """The in-process teacher answers "" for a prompt over --teacher-max-prompt-len: that filler
+    is used once and not cached, so a rerun with a larger limit asks again (it was served from
+    the cache forever). Test double: a backend that answers from a fixed list."""
+    from grouprank_jax.synth.cache import Completion, DiskCache
+    from grouprank_jax.synth.client import Teacher, TeacherStats
+
+    class ScriptedBackend:  # test double for the JAX / HTTP backends
+        model = "scripted"
+
+        def __init__(self, answers):
+            self.answers, self.stats, self.asked = answers, TeacherStats(), 0
+
+        def run(self, bodies, on_done):
+            for j, _ in enumerate(bodies):
+                self.asked += 1
+                on_done(j, self.answers[j])
+
+    bodies = [{"messages": [{"role": "user", "content": c}]} for c in ("short", "too long")]
+    first = ScriptedBackend([Completion("Relevance score: 7", 3, 4), Completion("", 900, 0, cacheable=False)])
+    with DiskCache(tmp_path / "cache.jsonl") as cache:
+        assert [c.text for c in Teacher("pointwise", first, cache).complete(bodies)] == ["Relevance score: 7", ""]
+    again = ScriptedBackend([Completion("Relevance score: 2", 900, 4)])
+    with DiskCache(tmp_path / "cache.jsonl") as cache:
+        texts = [c.text for c in Teacher("pointwise", again, cache).complete(bodies)]
+    assert texts == ["Relevance score: 7", "Relevance score: 2"] and again.asked == 1
