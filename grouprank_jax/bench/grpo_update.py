@@ -75,9 +75,11 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         state.trainable, state.frozen, state.graphdef, rows["seq_ids"], rows["seq_mask"], P, cfg.loss_chunk_size
     )
     batch = {**rows, "old_logp": old, "ref_logp": old}
+    # Both layouts run the LM head on the completion positions only (completion_logprobs).
+    completions = args.prompts * G * C
     layouts = {
-        "shared": (G, shared_prefix_training_flops(cfg, args.prompts, G, P, C)),
-        "per_rollout": (None, training_flops(cfg, args.prompts * G, P + C)),
+        "shared": (G, shared_prefix_training_flops(cfg, args.prompts, G, P, C, head_tokens=completions)),
+        "per_rollout": (None, training_flops(cfg, args.prompts * G, P + C, head_tokens=completions)),
     }
     results = []
     for name, (rollouts, flops) in layouts.items():

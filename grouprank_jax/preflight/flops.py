@@ -23,21 +23,34 @@ def matmul_params(cfg: ModelConfig) -> int:
     return cfg.num_layers * per_layer + d * cfg.vocab_size
 
 
-def training_flops(cfg: ModelConfig, batch: int, seq: int, lora: bool = False) -> float:
-    """FLOPs of one training step over ``batch`` rows of ``seq`` tokens (forward + backward)."""
+def _matmul_flops(cfg: ModelConfig, factor: int, tokens: float, head_tokens: float | None) -> float:
+    """``factor`` x the matmul parameters x tokens, with the LM head (d x V) charged only on
+    ``head_tokens`` (None: every token) — the positions whose logits a step really computes."""
+    head = cfg.hidden_size * cfg.vocab_size
+    head_tokens = tokens if head_tokens is None else head_tokens
+    return factor * ((matmul_params(cfg) - head) * tokens + head * head_tokens)
+
+
+def training_flops(
+    cfg: ModelConfig, batch: int, seq: int, lora: bool = False, head_tokens: float | None = None
+) -> float:
+    """FLOPs of one training step over ``batch`` rows of ``seq`` tokens (forward + backward);
+    ``head_tokens``: the positions the LM head runs on (GRPO: the completions only)."""
     factor = 4 if lora else 6
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq * seq * batch / 2
-    return factor * matmul_params(cfg) * batch * seq + attention
+    return _matmul_flops(cfg, factor, batch * seq, head_tokens) + attention
 
 
-def shared_prefix_training_flops(cfg: ModelConfig, prompts: int, rollouts: int, prompt: int, response: int, lora=False):
+def shared_prefix_training_flops(
+    cfg: ModelConfig, prompts: int, rollouts: int, prompt: int, response: int, lora=False, head_tokens=None
+):
     """FLOPs of the shared-prefix GRPO update (``rl/step.py``): each prompt's forward/backward
     once (causal P x P attention) and its G responses (attention over the prompt and causally
     over themselves): ``P + G*C`` tokens per prompt instead of ``G*(P + C)``."""
     factor = 4 if lora else 6
     tokens = prompts * (prompt + rollouts * response)
     pairs = prompts * (prompt * prompt / 2 + rollouts * (response * prompt + response * response / 2))
-    return factor * matmul_params(cfg) * tokens + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs
+    return _matmul_flops(cfg, factor, tokens, head_tokens) + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * pairs
 
 
 def forward_flops(cfg: ModelConfig, batch: int, seq: int) -> float:

@@ -32,3 +32,20 @@ def test_the_device_suite_divides_by_the_bandwidth_it_measured(tmp_path, monkeyp
     monkeypatch.setattr(device_suite, "train", lambda *a: {})
     assert device_suite.main(["--out", str(tmp_path / "suite.json"), "--smoke"]) == 0
     assert got == [1.234e12, 1.234e12]
+
+
+def test_grpo_update_flops_charge_the_lm_head_on_completions_only():
+    """Both GRPO layouts run the LM head on the completion positions alone: the difference
+    between the layouts is the trunk's, and the head's share is d x V x completions."""
+    from grouprank_jax.preflight.flops import matmul_params, shared_prefix_training_flops, training_flops
+
+    cfg = model_preset("tiny", **SHAPE)
+    B, G, P, C = 2, 8, 1024, 64
+    head, trunk = cfg.hidden_size * cfg.vocab_size, matmul_params(cfg) - cfg.hidden_size * cfg.vocab_size
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+    per_rollout = training_flops(cfg, B * G, P + C, head_tokens=B * G * C)
+    assert per_rollout == 6 * (trunk * B * G * (P + C) + head * B * G * C) + attention * B * G * (P + C) ** 2 / 2
+    shared = shared_prefix_training_flops(cfg, B, G, P, C, head_tokens=B * G * C)
+    pairs = B * (P * P / 2 + G * (C * P + C * C / 2))
+    assert shared == 6 * (trunk * B * (P + G * C) + head * B * G * C) + attention * pairs
+    assert training_flops(cfg, 4, 32) == 6 * matmul_params(cfg) * 4 * 32 + attention * 4 * 32 * 32 / 2  # default: all
