@@ -76,6 +76,10 @@ def test_non_utf8_record_line_names_file_and_line(tmp_path):
         ([{"query": "q", "hits": []}], "nothing to rerank"),
         ([{"query": "q", "hits": [{"docid": "d", "content": "t", "score": "high"}]}], "entry 0 hit 0: score 'high'"),
         ([{"query": "q", "hits": [{"docid": "d", "content": None}]}], "entry 0 hit 0: content must be a string"),
+        (  # the second entry silently replaced the first
+            [{"query": "a", "hits": [{"qid": "q", "docid": "d", "content": "t"}]}] * 2,
+            "entries 0 and 1 have the same qid 'q'",
+        ),
         # JSON's NaN: it used to turn every final score of the query into NaN
         (
             [{"query": "q", "hits": [{"docid": "d", "content": "t", "score": float("nan")}]}],

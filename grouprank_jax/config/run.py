@@ -111,6 +111,15 @@ def _model_from_dict(section: dict[str, Any] | None, where: str) -> ModelConfig:
 
 
 def run_config_from_dict(tree: dict[str, Any], where: str = "run config") -> RunConfig:
+    try:
+        return _run_config_from_dict(tree, where)
+    except ValueError as err:
+        if str(err).startswith(where):
+            raise
+        raise ValueError(f"{where}: {err}") from None  # a section's own check: name the file too
+
+
+def _run_config_from_dict(tree: dict[str, Any], where: str) -> RunConfig:
     tree = dict(tree)
     allowed = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(tree) - allowed)

@@ -34,7 +34,9 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         node = tree
         keys = path.split(".")
         for key in keys[:-1]:
-            node = node.setdefault(key, {})
+            if node.get(key) is None:  # absent, or a section left empty in the YAML (`sft:`)
+                node[key] = {}
+            node = node[key]
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {key!r} is not a section")
         node[keys[-1]] = _coerce(raw)

@@ -168,7 +168,7 @@ def read_rank_llm(path: str | Path) -> list[RankLLMQuery]:
             raise ValueError(f"{path}: not a gzip file ({err})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}:1: rank_llm results must be a JSON list of {{query, hits}} objects")
-    out = []
+    out, seen = [], {}
     for index, entry in enumerate(data):
         hits = entry.get("hits") if isinstance(entry, dict) else None
         if not isinstance(hits, list) or not isinstance(entry.get("query"), str):
@@ -177,6 +177,9 @@ def read_rank_llm(path: str | Path) -> list[RankLLMQuery]:
             if not isinstance(hit, dict) or not {"content", "docid"} <= hit.keys():
                 raise ValueError(f"{path}: entry {index} hit {hit_index} needs 'content' and 'docid'")
         qid = str(hits[0]["qid"]) if hits and "qid" in hits[0] else str(index)
+        if qid in seen:  # later entries would silently replace earlier ones downstream
+            raise ValueError(f"{path}: entries {seen[qid]} and {index} have the same qid {qid!r}")
+        seen[qid] = index
         out.append(RankLLMQuery(qid=qid, query=entry["query"], hits=tuple(hits)))
     return out
 

@@ -34,6 +34,13 @@ class SFTConfig:
     lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self):
+        for name in ("per_device_batch", "grad_accum_steps", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sft.{name} must be >= 1, got {getattr(self, name)}")
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"sft.total_steps must be >= 1 (or null: from sft.epochs), got {self.total_steps}")
+        if not self.epochs > 0:
+            raise ValueError(f"sft.epochs must be > 0, got {self.epochs}")
         if self.truncation not in ("error", "left", "right"):
             raise ValueError(f"sft.truncation={self.truncation!r}; choose 'error', 'left' or 'right'")
 

@@ -42,12 +42,20 @@ def test_exponent_floats_from_overrides_and_files_are_floats(tmp_path):
         ("seed=x", "seed: expected int, got 'x'"),
         ("sft.length_buckets={a: 1}", "sft.length_buckets: expected a list, e.g. [a, b]"),
         ("sft.length_buckets=big", "sft.length_buckets[0]: expected int, got 'big'"),
+        ("sft.grad_accum_steps=0", "sft.grad_accum_steps must be >= 1, got 0"),
+        ("sft.truncation=middle", "sft.truncation='middle'; choose 'error', 'left' or 'right'"),
     ],
 )
 def test_a_value_of_the_wrong_type_names_the_key(override, message):
     with pytest.raises(ValueError, match=re.escape(message)) as err:
         load_run_config(CONFIG, [override])
     assert str(CONFIG) in str(err.value)
+
+
+def test_an_override_into_a_section_left_empty_in_the_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {preset: tiny}\nsft:\n")  # `sft:` holds null
+    assert load_run_config(path, ["sft.learning_rate=1e-4"]).sft.learning_rate == 1e-4
 
 
 def test_one_value_for_a_list_field_is_a_list_of_one():
