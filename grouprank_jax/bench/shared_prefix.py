@@ -77,7 +77,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
                 "n": n,
                 "rows": rows,
                 "decode_seconds": out.stats.decode_seconds,
-                "ms_per_step": 1e3 * out.stats.decode_seconds / steps,
+                "ms_per_step": 1e3 * out.stats.decode_seconds / max(steps - 1, 1),  # step 0 samples from the prefill
                 "decode_tokens_per_s": rows * steps / out.stats.decode_seconds,
                 **_decode_memory(sampler, len(batch), args.prompt_len, params),
             }
