@@ -8,6 +8,18 @@ from collections.abc import Sequence
 import numpy as np
 
 
+def sampling_settings_problem(temperature: float, top_p: float, top_k: int, name=lambda field: field) -> str | None:
+    """What is wrong with these settings, or None; ``name`` spells a field as its caller's users
+    know it (e.g. a CLI flag)."""
+    if temperature < 0:
+        return f"{name('temperature')} must be >= 0 (0 = greedy), got {temperature}"
+    if not 0.0 < top_p <= 1.0:
+        return f"{name('top_p')} must be in (0, 1] (1.0 disables nucleus sampling), got {top_p}"
+    if top_k < 0:
+        return f"{name('top_k')} must be >= 0 (0 disables top-k), got {top_k}"
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to sample one ``generate`` call.
@@ -54,12 +66,9 @@ class SamplingParams:
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise TypeError(f"seed={self.seed!r} must be an integer")
         object.__setattr__(self, "seed", int(self.seed) % 2**32)
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]; use 1.0 to disable nucleus sampling")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables top-k)")
+        problem = sampling_settings_problem(self.temperature, self.top_p, self.top_k)
+        if problem:
+            raise ValueError(problem)
         if self.n < 1:
             raise ValueError(f"n={self.n} must be >= 1")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from grouprank_jax.errors import UserError
+from grouprank_jax.sampling.params import sampling_settings_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +51,11 @@ class ServeConfig:
         if not 0.0 <= self.fusion_weight <= 1.0:
             raise UserError(f"--fusion-weight must be in [0, 1], got {self.fusion_weight}")
         # Checked here, not at the first rerank request, where a bad value would fail every batch.
-        if self.temperature < 0:
-            raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise UserError(f"--top-k must be >= 0 (0 disables it), got {self.top_k}")
+        problem = sampling_settings_problem(
+            self.temperature, self.top_p, self.top_k, name=lambda field: "--" + field.replace("_", "-")
+        )
+        if problem:
+            raise UserError(problem)
         if not 0 <= self.seed < 2**32:
             raise UserError(f"--seed must be in [0, 2**32), got {self.seed}")
         self.mesh_shape()
