@@ -35,6 +35,8 @@ from grouprank_jax.config import MeshConfig, model_preset
 from grouprank_jax.models import create_model
 from grouprank_jax.parallel import make_mesh
 from grouprank_jax.parallel.distributed import gather_rows
+from grouprank_jax.preflight.memory import kv_cache_bytes
+from grouprank_jax.preflight.shapes import ModelShape
 from grouprank_jax.sampling import Sampler, SamplingParams
 from grouprank_jax.weights import save_hf
 
@@ -87,8 +89,11 @@ def decode_bytes_per_step(
     each row's whole suffix buffer; the per-row layout reads each row's whole prompt + suffix
     cache. ``prompts``: the padded batch bucket."""
     embed = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * jnp.dtype(cfg.param_dtype).itemsize
-    slots = prompts * prompt_len + prompts * n * new_tokens if shared else prompts * n * (prompt_len + new_tokens)
-    kv = 2 * cfg.num_layers * slots * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    one_device = ModelShape(cfg, {"data": 1, "fsdp": 1, "tensor": 1}, lora=False)
+    if shared:
+        kv = kv_cache_bytes(one_device, prompts, prompt_len) + kv_cache_bytes(one_device, prompts * n, new_tokens)
+    else:
+        kv = kv_cache_bytes(one_device, prompts * n, prompt_len + new_tokens)
     return weight_bytes - embed + kv
 
 

@@ -48,7 +48,7 @@ from grouprank_jax.config import ModelConfig
 from grouprank_jax.models.attention import resolve_impl
 from grouprank_jax.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from grouprank_jax.preflight.shapes import ModelShape, local_dim
-from grouprank_jax.sampling.batch import next_pow2
+from grouprank_jax.sampling.batch import batch_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +293,7 @@ def stage_functions(
         out.append(FunctionEstimate("grpo_ref_logprobs", tuple(ref), s.opt_bytes + ref_copy, "optimizer state"))
     # The sampler pads a call's prompts to a power of two that the batch shards divide
     # (Sampler.bucket_shape): 12 prompts compile (and hold KV) as 16.
-    prompts_local = _div(-(-next_pow2(g.global_batch_prompts) // shards) * shards, shards)
+    prompts_local = _div(batch_bucket(g.global_batch_prompts, shards), shards)
     resident, note = s.opt_bytes + ref_copy, "optimizer state" + (" + KL reference" if ref_copy else "")
     rows = prompts_local * G
     step = MemoryLine(

@@ -24,6 +24,12 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def batch_bucket(num_prompts: int, multiple: int) -> int:
+    """The batch a call of ``num_prompts`` prompts compiles for: the next power of two, rounded
+    up to a multiple of the mesh's batch shards (the sampler's and the planner's rule)."""
+    return -(-next_pow2(num_prompts) // multiple) * multiple
+
+
 def left_pad(encoded: Sequence[Sequence[int]], batch: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> (ids, mask) ``[batch, length]`` int32 and prompt lengths ``[batch]``.
 

@@ -49,7 +49,7 @@ from jax.sharding import Mesh
 from grouprank_jax.models.kv_cache import CACHE_AXES, VALID_AXES, KVCache, PrefixKV
 from grouprank_jax.parallel.distributed import agree_max, gather_rows, local_rows
 from grouprank_jax.parallel.mesh import named_sharding, shard, use_mesh
-from grouprank_jax.sampling.batch import global_row_ids, left_pad, next_pow2, prompt_buckets
+from grouprank_jax.sampling.batch import batch_bucket, global_row_ids, left_pad, prompt_buckets
 from grouprank_jax.sampling.decode import RowRecord, record_step
 from grouprank_jax.sampling.output import SamplerOutput, SamplerStats
 from grouprank_jax.sampling.params import SamplingParams
@@ -246,8 +246,7 @@ class Sampler:
             raise ValueError(f"a prompt of {longest} tokens exceeds max_prompt_len={self.max_prompt_len}")
         t = next(b for b in self.buckets if b >= longest)
         local_multiple = max(1, self.batch_multiple // jax.process_count())  # rows per batch-shard group here
-        b = next_pow2(num_prompts)
-        return -(-b // local_multiple) * local_multiple, t
+        return batch_bucket(num_prompts, local_multiple), t
 
     def _static_settings(self, params: SamplingParams):
         """(stop ids, stop sequences [S, W], top_k, use_top_p) of a call: what its program depends on."""
