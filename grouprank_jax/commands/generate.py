@@ -9,7 +9,6 @@ or ``{"prompt_ids": [int, ...]}``. Each output line is one sample:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -111,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
     with open(args.out, "w", encoding="utf-8") as out:
         for start in range(0, len(prompts), args.batch_size):
             chunk = prompts[start : start + args.batch_size]
-            # A distinct, reproducible seed per chunk so chunks do not repeat each other's draws.
-            result = sampler.generate(chunk, dataclasses.replace(params, seed=args.seed + start))
+            # Prompt i draws from (seed, i) whatever --batch-size cuts the file into.
+            streams = [(args.seed, start + k) for k in range(len(chunk))]
+            result = sampler.generate(chunk, params, streams=streams)
             for row in range(len(chunk) * args.n):
                 length = int(result.lengths[row])
                 out.write(

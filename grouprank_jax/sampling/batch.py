@@ -1,4 +1,4 @@
-"""Host-side batch layout of a ``generate`` call: shape buckets, left padding, random-stream rows.
+"""Host-side batch layout of a ``generate`` call: shape buckets, left padding, random streams.
 
 Pure numpy, so the layout rules (which shapes compile, which global row a rollout is) are
 testable without a model.
@@ -58,3 +58,36 @@ def global_row_ids(num: int, batch: int, n: int, process: int, processes: int) -
         [process * num + np.arange(num), processes * num + process * (batch - num) + np.arange(batch - num)]
     )
     return (prompt_ids[:, None] * n + np.arange(n)[None, :]).reshape(-1).astype(np.int32)
+
+
+def row_streams(
+    seed: int,
+    num: int,
+    batch: int,
+    n: int,
+    process: int,
+    processes: int,
+    streams: Sequence[tuple[int, int]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """-> (seeds ``[batch * n]`` uint32, row ids ``[batch * n]`` int32): each rollout row's random
+    stream, the key ``fold_in(fold_in(key(seed), row_id), step)``.
+
+    Default: every row takes the call's ``seed`` and its global row number (``global_row_ids``).
+    ``streams`` gives each of the ``num`` real prompts its own ``(seed, index)``; its rollout j
+    draws from ``(seed, index * n + j)``. Callers that split one logical request into several
+    calls, or merge several requests into one, pass the prompt's index in its own request, so a
+    sample depends only on (request seed, prompt index, n), never on chunking or batch-mates.
+    Dummy rows keep the default stream (their output is dropped).
+    """
+    seeds = np.full((batch * n,), seed % 2**32, np.uint32)
+    row_ids = global_row_ids(num, batch, n, process, processes)
+    if streams is None:
+        return seeds, row_ids
+    if len(streams) != num:
+        raise ValueError(f"streams has {len(streams)} entries for {num} prompts")
+    for k, (s, index) in enumerate(streams):
+        if not 0 <= index <= (2**31 - 1) // n - 1:
+            raise ValueError(f"streams[{k}]: prompt index {index} is outside [0, 2**31 / n) for n={n}")
+        seeds[k * n : (k + 1) * n] = int(s) % 2**32
+        row_ids[k * n : (k + 1) * n] = index * n + np.arange(n)
+    return seeds, row_ids

@@ -46,7 +46,7 @@ def record_step(
     logits,
     rec: RowRecord,
     *,
-    base_key,
+    row_seeds,
     row_ids,
     temperature,
     top_p,
@@ -61,10 +61,10 @@ def record_step(
 ) -> tuple[jax.Array, RowRecord]:
     """Sample from ``logits [rows, V]`` at ``step`` and record it -> (token to feed back [rows], record).
 
-    ``row_ids [rows]`` (global row numbers) and ``step`` pick each row's random stream, so what a
-    row samples does not depend on the batch it is in or on the mesh.
+    ``row_seeds``, ``row_ids [rows]`` (``batch.row_streams``) and ``step`` pick each row's random
+    stream, so what a row samples does not depend on the batch it is in or on the mesh.
     """
-    keys = ops.row_keys(base_key, row_ids, step)
+    keys = ops.row_keys(row_seeds, row_ids, step)
     tok = ops.sample_tokens(logits, keys, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     lp = ops.token_logprobs(logits, tok, logprob_temperature)
     active = ~rec.done

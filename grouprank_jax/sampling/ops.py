@@ -174,9 +174,10 @@ def token_logprobs(logits, tokens, temperature=1.0):
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def row_keys(base_key, rows, step):
-    """``[B]`` keys: the output row index and the step folded into the call's key."""
-    return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base_key, r), step))(rows)
+def row_keys(seeds, rows, step):
+    """``[B]`` keys: each row's id and the step folded into the key of its seed (``seeds [B]``
+    uint32, ``rows [B]`` int32; ``batch.row_streams``)."""
+    return jax.vmap(lambda s, r: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), r), step))(seeds, rows)
 
 
 def match_stop_sequences(recent, stop_seqs):

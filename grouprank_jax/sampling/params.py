@@ -30,9 +30,9 @@ class SamplingParams:
         then top-k, then top-p (as HF's logits warpers).
     n: rollouts per prompt (GRPO's G); each prompt is prefilled once and its cache repeated.
     seed: PRNG seed of this call; the output row index and the step are folded in, so rows differ
-        and a call with the same seed and prompts reproduces its samples exactly. Taken modulo
-        2**32 (the sampler's key is 32-bit), so derived seeds such as ``seed + batch_start`` never
-        overflow.
+        and a call with the same seed and prompts reproduces its samples exactly (per-prompt
+        seeds: ``Sampler.generate(streams=...)``). Taken modulo 2**32 (the sampler's key is
+        32-bit), so derived seeds such as ``seed + pass`` never overflow.
     max_new_tokens: None takes the sampler's default.
     stop: strings that end a completion (kept in the output, since the reward parser needs e.g.
         the closing ``</answer>``); needs a tokenizer.

@@ -49,7 +49,7 @@ from jax.sharding import Mesh
 from grouprank_jax.models.kv_cache import CACHE_AXES, VALID_AXES, KVCache, PrefixKV
 from grouprank_jax.parallel.distributed import agree_max, gather_rows, local_rows
 from grouprank_jax.parallel.mesh import named_sharding, shard, use_mesh
-from grouprank_jax.sampling.batch import batch_bucket, global_row_ids, left_pad, prompt_buckets
+from grouprank_jax.sampling.batch import batch_bucket, left_pad, prompt_buckets, row_streams
 from grouprank_jax.sampling.decode import RowRecord, record_step
 from grouprank_jax.sampling.output import SamplerOutput, SamplerStats
 from grouprank_jax.sampling.params import SamplingParams
@@ -145,7 +145,7 @@ class Sampler:
         prompt_lens,
         live,
         row_ids,
-        seed,
+        row_seeds,
         temperature,
         top_p,
         logprob_temperature,
@@ -158,7 +158,7 @@ class Sampler:
         max_new: int,
     ):
         """Sample ``max_new`` tokens at most for all rows; rows with ``live`` False start done.
-        ``row_ids`` [rows] (global row numbers) pick each row's random stream. Either ``cache``
+        ``row_ids``, ``row_seeds`` [rows] (``batch.row_streams``) pick each row's random stream. Either ``cache``
         (per-row layout, donated) or ``prefix`` (shared layout; the rows' suffix cache is made
         here) is given."""
         with use_mesh(self.mesh):
@@ -168,7 +168,7 @@ class Sampler:
                 cache = self._shard_cache(self._empty_cache(rows, max_new))
             record = functools.partial(
                 record_step,
-                base_key=jax.random.key(seed),
+                row_seeds=row_seeds,
                 row_ids=row_ids,
                 temperature=temperature,
                 top_p=top_p,
@@ -305,7 +305,7 @@ class Sampler:
             spec((rows,), jnp.int32, ("batch",)),
             spec((rows,), bool, ("batch",)),
             spec((rows,), jnp.int32, ("batch",)),
-            spec((), jnp.uint32, ()),
+            spec((rows,), jnp.uint32, ("batch",)),
             spec((), jnp.float32, ()),
             spec((), jnp.float32, ()),
             spec((), jnp.float32, ()),
@@ -318,7 +318,11 @@ class Sampler:
         )
         return prefill, decode
 
-    def generate(self, prompts, params: SamplingParams = SamplingParams()) -> SamplerOutput:
+    def generate(
+        self, prompts, params: SamplingParams = SamplingParams(), *, streams: Sequence[tuple[int, int]] | None = None
+    ) -> SamplerOutput:
+        """``streams``: optional ``(seed, index)`` per prompt, its random stream in place of
+        (``params.seed``, the prompt's global number); see ``batch.row_streams``."""
         if not prompts:
             raise ValueError("generate() needs at least one prompt")
         encoded = self._encode(prompts)
@@ -334,7 +338,7 @@ class Sampler:
 
         ids, mask, lens = left_pad(encoded, b, t)  # [B, T], [B, T], [B]
         live = np.repeat(np.arange(b) < num, n)  # [B*n]
-        row_ids = global_row_ids(num, b, n, pid, processes)  # [B*n]
+        row_seeds, row_ids = row_streams(params.seed, num, b, n, pid, processes, streams)  # [B*n] each
 
         stop_ids, stop_seqs, top_k, use_top_p = self._static_settings(params)
         shape_key = (b, t, n, max_new, params.greedy, top_k, use_top_p, len(stop_ids), stop_seqs.shape)
@@ -369,7 +373,7 @@ class Sampler:
             self._put(np.repeat(lens, n), ("batch",)),
             self._put(live, ("batch",)),
             self._put(row_ids, ("batch",)),
-            jnp.uint32(params.seed),
+            self._put(row_seeds, ("batch",)),
             jnp.float32(max(params.temperature, 1e-6)),
             jnp.float32(params.top_p),
             jnp.float32(params.logprob_temperature),

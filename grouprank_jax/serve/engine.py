@@ -9,9 +9,9 @@ settings wait for a later batch, in arrival order.
 
 Isolation: each generation is one row of the call (``n`` > 1 becomes n rows of the same prompt),
 and rows are sliced back per job in submission order, so a client only ever gets its own rows.
-Greedy rows do not depend on the rest of the batch; a sampled row's random stream is the call's
-seed (the first job's) folded with the row's position, so ``seed`` reproduces a sampled answer
-only when the request runs alone (e.g. ``--max-batch 1``).
+Greedy rows do not depend on the rest of the batch; a sampled row's random stream is its
+request's seed and its index in the request (``Sampler.generate(streams=...)``), so ``seed``
+reproduces a sampled answer whatever it is batched with or split into.
 
 ``max_new`` is rounded up to a power of two (>= 16, at most ``--max-new-tokens``) so requests with
 nearby ``max_tokens`` share programs and batches; each row is then cut at its own ``max_tokens``,
@@ -70,6 +70,7 @@ class _Job:
     settings: GenSettings
     max_tokens: int
     seed: int
+    first_index: int  # the index of ``prompts[0]`` in its request: with ``seed``, the random stream
     cancel: threading.Event | None
     future: Future = dataclasses.field(default_factory=Future)
     enqueued: float = dataclasses.field(default_factory=time.monotonic)
@@ -122,8 +123,7 @@ class Engine:
         when the queue has no room now, a 413 ``APIError`` when it never would."""
         size = self.cfg.max_batch
         jobs = [
-            _Job(prompts[i : i + size], settings, max_tokens, seed + i // size, cancel)
-            for i in range(0, len(prompts), size)
+            _Job(prompts[i : i + size], settings, max_tokens, seed, i, cancel) for i in range(0, len(prompts), size)
         ]
         with self._cond:
             if self._stopping:
@@ -237,11 +237,13 @@ class Engine:
                 top_p=s.top_p,
                 top_k=s.top_k,
                 n=1,
-                seed=live[0].seed,
                 max_new_tokens=s.max_new,
                 stop=s.stop,
             )
-            out = self.sampler.generate(prompts, params)
+            # Each generation draws from (its request's seed, its index in the request), so a
+            # sampled answer does not depend on the chunking or on the requests batched with it.
+            streams = [(job.seed, job.first_index + k) for job in live for k in range(len(job.prompts))]
+            out = self.sampler.generate(prompts, params, streams=streams)
         except BaseException as err:
             log.exception("serve: generate failed for a batch of %d generations", len(prompts))
             for job in live:

@@ -4,14 +4,18 @@ with no ``--pointwise-url``), so a TPU team can label with a big open model on i
 It answers the same request bodies as an HTTP teacher: the messages are rendered with the
 tokenizer's chat template (generation prompt added); ``temperature``, ``top_p``, ``max_tokens``
 and ``seed`` are honoured. Requests are batched ``batch_size`` at a time among those with the same
-sampling settings. A prompt longer than ``max_prompt_len`` tokens is not run: its answer is empty
-(a format failure the stage counts); lower ``--max-doc-chars`` or raise ``--teacher-max-prompt-len``.
+sampling settings; each request's random stream is its ``seed`` and a hash of its body, so an
+answer depends on the request alone (not on its batch-mates, nor on what a resumed run still
+asks). A prompt longer than ``max_prompt_len`` tokens is not run: its answer is empty (a format
+failure the stage counts); lower ``--max-doc-chars`` or raise ``--teacher-max-prompt-len``.
 Answers go through the same disk cache (model key ``jax:<resolved path>``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,10 +71,9 @@ class JaxBackend:
                 float(body.get("temperature", 1.0)),
                 float(body.get("top_p", 1.0)),
                 int(min(body.get("max_tokens") or self.max_new_tokens, self.max_new_tokens)),
-                int(body.get("seed", 0)),
             )
             groups.setdefault(key, []).append(i)
-        for (temperature, top_p, max_new, seed), indices in groups.items():
+        for (temperature, top_p, max_new), indices in groups.items():
             encoded = {}
             for i in indices:
                 text = self.tokenizer.apply_chat_template(
@@ -90,7 +93,13 @@ class JaxBackend:
             ready = list(encoded)
             for start in range(0, len(ready), self.batch_size):
                 chunk = ready[start : start + self.batch_size]
-                params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed + start, max_new_tokens=max_new)
-                out = self.sampler.generate([encoded[i] for i in chunk], params)
+                params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new)
+                streams = [(int(bodies[i].get("seed", 0)), _body_index(bodies[i])) for i in chunk]
+                out = self.sampler.generate([encoded[i] for i in chunk], params, streams=streams)
                 for row, i in enumerate(chunk):
                     on_done(i, Completion(out.texts[row], len(encoded[i]), int(out.lengths[row])))
+
+
+def _body_index(body: dict) -> int:
+    """A stable 31-bit number of the request body: its stream index (``batch.row_streams``)."""
+    return zlib.crc32(json.dumps(body, sort_keys=True).encode()) & 0x7FFFFFFF

@@ -106,6 +106,26 @@ def test_generate_names_the_line_of_a_bad_prompt_before_generating(tmp_path, cap
     assert "argument --seed: must be in [0, 2**32), got -1" in capsys.readouterr().err
 
 
+def test_generate_samples_do_not_depend_on_batch_size(tmp_path):
+    """Prompt i draws from (--seed, i): cutting the file into other batches changes nothing."""
+    from grouprank_jax.models import create_model
+    from grouprank_jax.tokenizer import load_tokenizer
+    from grouprank_jax.weights import save_hf
+
+    save_hf(create_model(model_preset("tiny"), seed=3), tmp_path / "hf", tokenizer=load_tokenizer())
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"prompt number {i}"}) + "\n" for i in range(3)))
+    outs = {}
+    for size in ("1", "3"):
+        out = tmp_path / f"out{size}.jsonl"
+        argv = ["generate", "--model", str(tmp_path / "hf"), "--prompts", str(prompts), "--out", str(out)]
+        flags = ["--batch-size", size, "--n", "2", "--temperature", "1.0", "--seed", "5", "--max-new-tokens", "6"]
+        assert main(argv + flags) == 0
+        outs[size] = [json.loads(line)["token_ids"] for line in out.read_text().splitlines()]
+    assert len(outs["1"]) == 6 and outs["1"] == outs["3"]
+    assert len({tuple(t) for t in outs["1"]}) > 1
+
+
 def test_bench_train_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert (

@@ -141,6 +141,25 @@ def test_greedy_n_rows_equal_single_and_seed_reproducibility(pair):
         SamplingParams(seed=1.5)
 
 
+def test_streams_make_a_sample_independent_of_its_batch(pair):
+    """With ``streams``, prompt k of a call draws from (its seed, its index): the same tokens
+    whether it runs alone or batched with other prompts of other seeds, while the default
+    streams are (the call's seed, the prompt's position) as before."""
+    _, _, sampler = pair
+    _, _, prompts = _prompts()
+    p = SamplingParams(temperature=1.0, n=2, seed=11, max_new_tokens=10, ignore_eos=True)
+    default = sampler.generate(prompts, p)
+    explicit = sampler.generate(prompts, dataclasses.replace(p, seed=99), streams=[(11, k) for k in range(3)])
+    np.testing.assert_array_equal(explicit.tokens, default.tokens)
+    mixed = sampler.generate(prompts, p, streams=[(3, 7), (11, 1), (5, 0)])
+    alone = [sampler.generate([prompts[k]], p, streams=[stream]) for k, stream in enumerate([(3, 7), (11, 1), (5, 0)])]
+    np.testing.assert_array_equal(mixed.tokens, np.concatenate([a.tokens for a in alone]))
+    np.testing.assert_array_equal(mixed.tokens[2:4], default.tokens[2:4])  # (11, 1) is prompt 1's default
+    assert not np.array_equal(mixed.tokens[:2], default.tokens[:2])
+    with pytest.raises(ValueError, match="streams has 2 entries for 3 prompts"):
+        sampler.generate(prompts, p, streams=[(1, 0), (1, 1)])
+
+
 def test_mesh_matches_single_device(pair):
     import jax
 

@@ -169,10 +169,13 @@ def test_the_openai_client_works_unchanged(server, sampler):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
 
 
-def test_32_concurrent_clients_get_their_own_serial_answers_and_are_batched(server):
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled_with_seeds"])
+def test_32_concurrent_clients_get_their_own_serial_answers_and_are_batched(server, sampled):
+    """Sampled: each request's ``seed`` reproduces its answer whatever it is batched with."""
     words = "tide moon ocean sun gravity wave bread market walnut spring".split()
     prompts = [" ".join(words[(i * k) % 10] for k in (1, 3, 7)) + f" {i}" for i in range(32)]
-    bodies = [{"prompt": p, "max_tokens": 8, "temperature": 0} for p in prompts]
+    sampling = lambda i: {"temperature": 1.0, "seed": 1000 + i} if sampled else {"temperature": 0}
+    bodies = [{"prompt": p, "max_tokens": 8, **sampling(i)} for i, p in enumerate(prompts)]
     serial = [server.post("/v1/completions", b) for b in bodies]
     before = server.metrics()
     concurrent = server.parallel("/v1/completions", bodies)

@@ -45,3 +45,28 @@ def test_in_process_teacher_finishes_and_counts_format_failures(tmp_path, dl19):
     assert main(args) == 0  # the answers are cached: nothing is generated again
     again = read_manifest(out)["totals"]
     assert again["calls"] == 0 and again["cached"] == requests
+
+
+def test_an_in_process_answer_depends_only_on_its_request(tmp_path):
+    """A sampled request's answer is the same alone or batched with others (of other seeds), so a
+    resumed run, which asks only what the cache lacks, answers what an uninterrupted run would."""
+    from grouprank_jax.models import create_model
+    from grouprank_jax.synth.client import TeacherStats
+    from grouprank_jax.synth.jax_teacher import JaxBackend
+    from grouprank_jax.tokenizer import load_tokenizer
+
+    loaded = (create_model(model_preset("tiny"), seed=3), load_tokenizer())
+    backend = JaxBackend(str(tmp_path), TeacherStats(), max_prompt_len=64, max_new_tokens=8, loaded=loaded)
+
+    def body(text, seed):
+        return {"messages": [{"role": "user", "content": text}], "temperature": 1.0, "max_tokens": 8, "seed": seed}
+
+    def answers(bodies):
+        out = {}
+        backend.run(bodies, lambda i, completion: out.__setitem__(i, completion.text))
+        return [out[i] for i in range(len(bodies))]
+
+    batch = [body("first question", 0), body("second question", 1), body("third question", 0)]
+    together = answers(batch)
+    assert [answers([b])[0] for b in batch] == together
+    assert answers([body("second question", 2)])[0] != together[1]  # the seed still matters
