@@ -8,10 +8,14 @@ come from the disk cache, the rest go to the backend, and each answer is written
 (one ``httpx.AsyncClient``), a timeout per request, and retries with exponential backoff and
 jitter on 429, 5xx, timeouts, connection errors and unreadable 200 bodies
 (``backoff * 2**attempt``, capped at ``backoff_max``, then a uniform draw in [d/2, d]; a
-``Retry-After`` header is honoured). Any other 4xx, or a request still failing after
-``http_retries`` retries, stops the run with a one-line ``TeacherError``: rerunning the same
-command resumes from the cache. The API key is read from the environment variable named by
-``api_key_env`` and sent as ``Authorization: Bearer``; it is never logged or written anywhere.
+``Retry-After`` header is honoured). A 400, 413 or 422 refuses that one request (e.g. over the
+teacher's context, as vLLM answers): its answer is empty, counted like an unparsable one
+(re-asked, then missing), never cached, and the run goes on with a warning; but a teacher that
+refuses its first ``REFUSAL_LIMIT`` requests without ever answering one is misconfigured and stops
+the run. Any other 4xx, or a request still failing after ``http_retries`` retries, stops the run
+with a one-line ``TeacherError``: rerunning the same command resumes from the cache. The API key
+is read from the environment variable named by ``api_key_env`` and sent as ``Authorization:
+Bearer``; it is never logged or written anywhere.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from grouprank_jax.synth.cache import Completion, DiskCache, cache_key
 log = logging.getLogger(__name__)
 
 OnDone = Callable[[int, Completion], None]
+REFUSED = (400, 413, 422)  # statuses that refuse the request itself, not the teacher
+REFUSAL_LIMIT = 8  # refusals before any answer (this run, or cached) that stop the run
 
 
 class TeacherError(UserError):
@@ -43,6 +49,7 @@ class TeacherStats:
     prompt_tokens: int = 0  # of the paid answers
     completion_tokens: int = 0
     cached_completion_tokens: int = 0  # of the cached answers (tokens not paid again)
+    refused: int = 0  # requests refused with HTTP 400/413/422 (answered empty, not cached)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -76,13 +83,33 @@ class HttpBackend:
         self.stats = stats
         self.model = cfg.model
         self.endpoint = cfg.url.rstrip("/") + "/chat/completions"
+        self.first_refusal: str | None = None
+        self.answered = 0  # 200s read
 
     def describe(self) -> dict:
         return {"backend": "http", "url": self.cfg.url, "model": self.cfg.model, "api_key_env": self.cfg.api_key_env}
 
     def run(self, bodies: Sequence[dict], on_done: OnDone) -> None:
-        if bodies:
-            asyncio.run(self._run(bodies, on_done))
+        if not bodies:
+            return
+        refused = self.stats.refused
+        asyncio.run(self._run(bodies, on_done))
+        refused = self.stats.refused - refused
+        if refused == len(bodies) and self._never_answered():
+            raise TeacherError(f"teacher {self.endpoint} refused every request ({refused}): {self.first_refusal}")
+        if refused:
+            log.warning(
+                "teacher %s refused %d of %d requests (first: %s); they count as unparsable answers and "
+                "are asked again by a rerun",
+                self.endpoint,
+                refused,
+                len(bodies),
+                self.first_refusal,
+            )
+
+    def _never_answered(self) -> bool:
+        """No answer read in this process and none cached: nothing shows the teacher works."""
+        return self.answered == 0 and self.stats.cached == 0
 
     async def _run(self, bodies: Sequence[dict], on_done: OnDone) -> None:
         import httpx
@@ -139,6 +166,16 @@ class HttpBackend:
             except ValueError:
                 wait_s = None
             raise _Retry(f"HTTP {status}", wait_s)
+        if status in REFUSED:
+            self.stats.refused += 1
+            if self.first_refusal is None:
+                self.first_refusal = f"HTTP {status} {response.text[:200]!r}"
+            if self.stats.refused >= REFUSAL_LIMIT and self._never_answered():
+                raise TeacherError(
+                    f"teacher {self.endpoint} refused its first {self.stats.refused} requests and answered "
+                    f"none: {self.first_refusal}"
+                )
+            return Completion("", 0, 0, cacheable=False)
         if status != 200:
             raise TeacherError(f"teacher {self.endpoint} answered HTTP {status}: {response.text[:200]!r}")
         try:
@@ -148,6 +185,7 @@ class HttpBackend:
             usage = data.get("usage") or {}
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise _Retry(f"unreadable 200 response {response.text[:80]!r}") from None
+        self.answered += 1
         return Completion(str(text), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
 
 

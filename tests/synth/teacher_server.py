@@ -66,6 +66,7 @@ class TeacherServer:
         delay: float = 0.0,
         seed: int = 0,
         api_key: str | None = None,
+        refuse_pointwise: frozenset[str] = frozenset(),
     ):
         self.qid_of = {text: qid for qid, text in queries.items()}
         self.docid_of = {clean_document(text, max_doc_chars): docid for docid, text in texts.items()}
@@ -74,6 +75,8 @@ class TeacherServer:
         self.error_rate, self.garbage_rate, self.delay = error_rate, garbage_rate, delay
         self.rng = random.Random(seed)
         self.api_key = api_key
+        self.refuse_pointwise = refuse_pointwise  # docids whose pointwise prompt gets vLLM's over-context 400
+        self.refused = 0
         self.lock = threading.Lock()
         self.log: list[tuple[float, str]] = []
         self.errors = self.garbage = 0
@@ -127,6 +130,11 @@ class TeacherServer:
             with self.lock:
                 self.garbage += 1
         elif m := _POINTWISE.search(prompt):
+            if self.docid_of[m.group(2)] in self.refuse_pointwise:
+                with self.lock:
+                    self.refused += 1
+                message = "This model's maximum context length is 512 tokens. However, you requested 900 tokens."
+                return 400, {"object": "error", "message": message, "type": "BadRequestError", "code": 400}
             text = self._pointwise(self.qid_of[m.group(1)], self.docid_of[m.group(2)])
         elif m := _LISTWISE.search(prompt):
             docids = [self.docid_of[t] for _, t in _PASSAGE.findall(m.group(2))]

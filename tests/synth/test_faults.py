@@ -106,6 +106,43 @@ def test_api_key_from_the_environment_and_a_refusing_teacher_is_one_line(tmp_pat
         assert "none.qrels" in capsys.readouterr().err and not server.log
 
 
+def test_a_request_the_teacher_refuses_is_missing_and_the_run_goes_on(tmp_path, dl19, capsys):  # noqa: F811
+    """A 400 for one request (vLLM's answer to a prompt over its context) used to stop the run, and
+    every rerun stopped at the same request. Now that item is missing, the run finishes, and the
+    refused request is not cached (a rerun asks again). A teacher that refuses everything still
+    stops the run with one line, after ``REFUSAL_LIMIT`` refusals when nothing was ever answered."""
+    from grouprank_jax.synth.client import REFUSAL_LIMIT
+
+    data = subset(dl19, tmp_path / "dl19_2q.json", 2)
+    entry = dl19["entries"][0]
+    options = ["--pool-top", "3", "--pool-random", "2", "--max-retries", "1", "--concurrency", "1"]
+    refuse = frozenset({str(entry.hits[0]["docid"])})  # in query 0's pool (ranks 1-3)
+    with TeacherServer(dl19["queries"], dl19["texts"], dl19["qrels"], refuse_pointwise=refuse) as server:
+        args = ["synth", "--data", str(data), *teacher_args(server.url), *options]
+        assert main([*args, "--out", str(tmp_path / "some")]) == 0
+        manifest = read_manifest(tmp_path / "some")
+        assert server.refused == 2  # the request and its one re-ask
+        assert manifest["teachers"]["pointwise"]["stats"]["refused"] == 2
+        assert manifest["failures"]["pointwise_missing"] == [[entry.qid, str(entry.hits[0]["docid"])]]
+        assert manifest["counts"]["pointwise"]["missing"] == 1
+        assert main([*args, "--out", str(tmp_path / "some")]) == 0
+        assert server.refused == 4  # not cached: asked again
+
+    everything = frozenset(dl19["texts"])
+    with TeacherServer(dl19["queries"], dl19["texts"], dl19["qrels"], refuse_pointwise=everything) as server:
+        args = ["synth", "--data", str(data), *teacher_args(server.url), *options]
+        capsys.readouterr()
+        assert main([*args, "--out", str(tmp_path / "none")]) == 2
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("grouprank synth: error:")]
+        assert f"refused its first {REFUSAL_LIMIT} requests and answered none" in line
+        assert "maximum context length" in line and server.url in line
+        assert server.refused == REFUSAL_LIMIT  # of the 10 pointwise requests
+        one_query = subset(dl19, tmp_path / "dl19_1q.json", 1)
+        args = ["synth", "--data", str(one_query), *teacher_args(server.url), *options]
+        assert main([*args, "--out", str(tmp_path / "none1")]) == 2
+        assert "refused every request (5)" in capsys.readouterr().err
+
+
 def test_sliding_window_beyond_the_listwise_window_is_rank_llms(tmp_path, dl19):  # noqa: F811
     """Pools larger than --listwise-window go through windows of 20, stride 10, bottom-up, over the
     pointwise order; with a teacher that sorts each window by a fixed key, the result is exactly
