@@ -265,7 +265,9 @@ def stage_functions(
     if g.shared_prefix:
         # One prompt forward per prompt of the pass (its per-layer KV kept, with gradient, for
         # the G responses) + G responses of C tokens: P + G*C tokens per prompt, not G*(P + C).
-        prompts_pass = max(1, _div(micro // G, shards))
+        # A pass's prompt batch is sharded over the batch axes only when they divide it
+        # (``logical_to_spec``); otherwise every chip runs every prompt of the pass.
+        prompts_pass = (micro // G) // shards if (micro // G) % shards == 0 else micro // G
         pass_tokens = prompts_pass * P + micro_local * C
         prompt_kv = MemoryLine(
             "prompt KV (shared)", kv_cache_bytes(s, prompts_pass, P), f"{prompts_pass} prompts x {P}, all layers"

@@ -132,6 +132,8 @@ def plan(run, topology: Topology, stages=("sft", "grpo"), options: PlanOptions =
         else:
             violations += _grpo_batch_violations(run.grpo, shards, procs)
             g = run.grpo
+            if replicated := g.replicated_prompts_warning(shards):
+                warnings.append(replicated)
             seq = g.max_prompt_len + g.max_response_len
             if seq > cfg.max_position_embeddings:
                 violations.append(

@@ -132,6 +132,20 @@ class GRPOConfig:
     def replace(self, **changes) -> GRPOConfig:
         return dataclasses.replace(self, **changes)
 
+    def replicated_prompts_warning(self, batch_shards: int) -> str | None:
+        """Shared-prefix passes whose prompt batch the mesh's batch axes do not divide run
+        replicated: correct, but every chip computes every prompt forward of the pass."""
+        G = self.rollouts_per_prompt
+        prompts = (self.micro_batch_rows or self.mini_batch_prompts * G) // G
+        if not self.shared_prefix or prompts % batch_shards == 0:
+            return None
+        return (
+            f"grpo: micro_batch_rows={prompts * G} holds {prompts} prompts per pass, not a multiple of "
+            f"data*fsdp={batch_shards}: with shared_prefix every chip runs all {prompts} prompt forwards of a "
+            f"pass (replicated); use micro_batch_rows a multiple of G*{batch_shards}={G * batch_shards}, or "
+            "shared_prefix: false"
+        )
+
     @property
     def updates_per_rollout_batch(self) -> int:
         """Optimizer steps taken on one rollout batch (1 for the paper: on-policy)."""

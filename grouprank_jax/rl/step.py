@@ -18,7 +18,9 @@ Micro-batches (``micro_rows``) are strided, not contiguous: per-rollout, micro-b
 with all G rollouts of each (a prompt's forward is shared only within a micro-batch). Rows arrive
 sharded in contiguous blocks over the batch axes, so a strided split gives every device its share
 of every micro-batch without moving a row; a contiguous split would put a whole micro-batch on a
-few devices. Metrics are combined by token counts, so they do not depend on the split.
+few devices. Shared-prefix passes need a multiple of (batch shards) prompts: a prompt batch the
+batch axes do not divide is replicated, every chip running every prompt forward of the pass
+(``grouprank plan`` warns). Metrics are combined by token counts, so they do not depend on the split.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ gathered per-rollout values; only process 0 writes them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -52,6 +53,8 @@ from grouprank_jax.training.run_dir import RunDir, save_base_weights, stage_reco
 from grouprank_jax.training.state import init_train_state, shard_batch
 from grouprank_jax.weights.loading import initial_model, with_lora
 
+log = logging.getLogger(__name__)
+
 
 def _check_batch_split(grpo, mesh) -> None:
     G = grpo.rollouts_per_prompt
@@ -63,6 +66,8 @@ def _check_batch_split(grpo, mesh) -> None:
         )
     if mesh is not None:
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if replicated := grpo.replicated_prompts_warning(shards):
+            log.warning(replicated)
         for what, prompts in (
             ("global_batch_prompts", grpo.global_batch_prompts),
             ("mini_batch_prompts", grpo.mini_batch_prompts),
@@ -188,7 +193,8 @@ def train_grpo(
                 temperature=grpo.temperature,
             )
         state, update_metrics = _run_updates(updates[P], state, device_rows, grpo, G)
-        train_tokens = global_sum(float(rows["seq_mask"].sum()) * grpo.updates_per_rollout_batch)
+        computed = computed_tokens(rows["seq_mask"], P, G if grpo.shared_prefix else None)
+        train_tokens = global_sum(float(computed) * grpo.updates_per_rollout_batch)
         return state, _step_metrics(scored, out, update_metrics, time.perf_counter() - t0, t_sample, train_tokens)
 
     return train_loop(
@@ -204,6 +210,15 @@ def train_grpo(
         config=to_dict(cfg),
         postfix="reward_mean",
     )
+
+
+def computed_tokens(seq_mask: np.ndarray, prompt_len: int, rollouts: int | None) -> int:
+    """Tokens one forward over the rows computes (``seq_mask [R, P+C]``, prompt-major rows):
+    every row's prompt and response, or with the shared prefix (``rollouts=G``) each prompt once
+    plus every response."""
+    if not rollouts:
+        return int(seq_mask.sum())
+    return int(seq_mask[::rollouts, :prompt_len].sum() + seq_mask[:, prompt_len:].sum())
 
 
 def mini_batch_rows(num_prompts: int, rollouts: int, num_minis: int) -> list[np.ndarray]:
@@ -254,19 +269,22 @@ def _run_updates(update_fn, state, rows: dict, grpo, G: int):
 def _step_metrics(scored: dict, out, update: dict, step_time: float, sample_time: float, train_tokens: float) -> dict:
     """Step metrics over every process's rollouts (per-rollout values are gathered first, so a
     std is the global std, not a mean of per-process stds)."""
-    keys = ("reward", "ndcg", "recall", "alignment")
+    keys = ("reward", "ndcg", "recall", "alignment", "rewarded")
     gathered = {k: gather_rows(np.asarray(scored[k], np.float32)) for k in keys}
-    valid = gather_rows((np.asarray(scored["format_status"]) == 0).astype(np.float32))
+    # Ranking metrics average the rollouts that earned the group reward (a penalised answer's
+    # NDCG or alignment is not what it was rewarded for); 0 when none did.
+    rewarded = gathered["rewarded"]
+    over_rewarded = lambda k: float((gathered[k] * rewarded).sum() / max(rewarded.sum(), 1.0))
     lengths = gather_rows(np.asarray(out.lengths, np.float32))
     sample_time = float(gather_rows(np.asarray([sample_time], np.float32)).max())  # the slowest process
     reward = gathered["reward"]
     metrics = {
         "reward_mean": float(reward.mean()),
         "reward_std": float(reward.std()),
-        "format_valid_rate": float(valid.mean()),
-        "rollout_ndcg@10": float(gathered["ndcg"].mean()),
-        "rollout_recall@10": float(gathered["recall"].mean()),
-        "alignment": float(gathered["alignment"].mean()),
+        "format_valid_rate": float(rewarded.mean()),  # tags, JSON and >= 1 scored document
+        "rollout_ndcg@10": over_rewarded("ndcg"),
+        "rollout_recall@10": over_rewarded("recall"),
+        "alignment": over_rewarded("alignment"),
         "response_len_mean": float(lengths.mean()),
         "sampling_tokens_per_s": float(lengths.sum()) / max(sample_time, 1e-9),
         "training_tokens_per_s": train_tokens / max(step_time - sample_time, 1e-9),

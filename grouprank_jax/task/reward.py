@@ -140,6 +140,8 @@ def _group_reward(pred, valid, status, gold, mask, cfg: RewardConfig) -> dict[st
         "alignment": alignment.astype(jnp.float32),
         "valid_fraction": (jnp.sum(valid) / size).astype(jnp.float32),
         "format_ok": (status == 0).astype(jnp.float32),
+        # the reward is the group reward (not a penalty): what ranking metrics are averaged over
+        "rewarded": ((status == 0) & ~json_bad).astype(jnp.float32),
     }
 
 

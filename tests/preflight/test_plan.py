@@ -183,13 +183,24 @@ def test_plan_reads_grpo_micro_batch_rows_in_trainer_units():
     update = lambda r: next(f for f in r.stages[0].functions if f.name == "grpo_update")
     act = lambda r: next(x.bytes for x in update(r).lines if x.name == "activations")
     assert act(one_pass) == pytest.approx(2 * act(per_row), rel=1e-6)  # 64 rows = 2 per shard vs 1
-    # Shared prefix, one pass: 8 prompts over 32 shards, so a chip runs one 2048-token prompt and
-    # its share of the responses (2 x 1024), 4096 tokens where per-rollout runs 2 x 3072.
+    # Shared prefix, one pass: 8 prompts do not split over 32 shards, so the prompt forward is
+    # replicated: a chip runs all 8 2048-token prompts and its share of the responses (2 x 1024),
+    # 18,432 tokens where per-rollout runs 2 x 3072 (a warning says so).
     del base["grpo"]["micro_batch_rows"]
     base["grpo"]["shared_prefix"] = True
     shared = pl.plan(run_config_from_dict(base), topology, stages=("grpo",))
-    assert act(shared) == pytest.approx(act(one_pass) * 4096 / 6144, rel=1e-6)
-    assert any(x.name == "prompt KV (shared)" for x in update(shared).lines)
+    assert act(shared) == pytest.approx(act(one_pass) * 18432 / 6144, rel=1e-6)
+    assert any(x.name == "prompt KV (shared)" and "8 prompts" in x.note for x in update(shared).lines)
+    assert any("holds 8 prompts per pass, not a multiple of data*fsdp=32" in w for w in shared.warnings)
+    # On 8 shards (v5p-16) each chip runs one prompt and its 8 responses: 2048 + 8 x 1024 tokens
+    # where per-rollout runs 8 x 3072; no warning.
+    small = pl.parse_topology("v5p-16")
+    shared8 = pl.plan(run_config_from_dict(base), small, stages=("grpo",))
+    base["grpo"]["shared_prefix"] = False
+    per_row8 = pl.plan(run_config_from_dict(base), small, stages=("grpo",))
+    base["grpo"]["shared_prefix"] = True
+    assert act(shared8) == pytest.approx(act(per_row8) * 10240 / 24576, rel=1e-6)
+    assert not shared8.warnings
     base["grpo"]["micro_batch_rows"] = 12  # not whole prompts of G = 8
     with pytest.raises(ValueError, match="whole prompts"):
         run_config_from_dict(base)

@@ -223,3 +223,43 @@ def test_as_written_refuses_a_record_over_group_size_max(tmp_path):
     with pytest.raises(ValueError, match=r"of 5 documents, over grpo.group_size_max=4.*group_sampling: redraw") as err:
         train_grpo(cfg, records=records, max_steps=1, progress=False)
     assert str(err.value).startswith(records[0]["source"])
+
+
+def test_step_metrics_average_ranking_over_rewarded_rollouts():
+    """``format_valid_rate`` counts rollouts that earned the group reward, and rollout NDCG,
+    Recall and alignment average only those: an empty ``{}`` answer (status 0 but -0.1) and
+    parsable JSON outside the tags (-0.5) used to count as valid / as NDCG 1."""
+    import types
+
+    from grouprank_jax.rl.rollout import Group, score_rollouts
+    from grouprank_jax.rl.trainer import _step_metrics
+    from grouprank_jax.task.reward import RewardConfig
+
+    group = Group("q", tuple(f"d{i}" for i in range(10)), (10, 8, 0, 0, 0, 0, 0, 0, 0, 0))
+    answer = '<reason>x</reason><answer>```json\n{"[1]": 10, "[2]": 8}\n```</answer>'
+    texts = [
+        "garbage, no tags, no json",
+        "<reason>x</reason><answer>```json\n{}\n```</answer>",
+        'I think {"[1]": 10, "[2]": 8}',
+        answer,
+    ]
+    scored = score_rollouts(texts, [group], 4, RewardConfig())
+    np.testing.assert_allclose(scored["reward"][:3], [-0.5, -0.1, -0.5])
+    assert scored["ndcg"][2] == pytest.approx(1.0)  # what the old mean counted in
+    out = types.SimpleNamespace(lengths=np.full(4, 5, np.int32))
+    metrics = _step_metrics(scored, out, {}, step_time=2.0, sample_time=1.0, train_tokens=10.0)
+    assert metrics["format_valid_rate"] == 0.25
+    for key in ("rollout_ndcg@10", "rollout_recall@10", "alignment"):
+        assert metrics[key] == pytest.approx(float(scored[key.split("@")[0].replace("rollout_", "")][3])), key
+    assert metrics["reward_mean"] == pytest.approx(float(np.mean(scored["reward"])))
+
+
+def test_training_tokens_count_a_shared_prompt_once():
+    from grouprank_jax.rl.trainer import computed_tokens
+
+    mask = np.zeros((4, 7), np.int32)  # 2 prompts x G=2, prompt 4 (left-padded) + response 3
+    mask[:2, 1:4] = 1  # prompt 0: 3 tokens
+    mask[2:, 0:4] = 1  # prompt 1: 4 tokens
+    mask[:, 4:] = [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1]]
+    assert computed_tokens(mask, 4, None) == 2 * 3 + 2 * 4 + 9
+    assert computed_tokens(mask, 4, 2) == 3 + 4 + 9
