@@ -127,6 +127,9 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
+            # A save killed mid-way leaves <step>.orbax-checkpoint-tmp, which max_to_keep never
+            # deletes (e.g. a preemption save at an off-cadence step): the writer removes them.
+            cleanup_tmp_directories=not read_only,
         )
         self._mgr = ocp.CheckpointManager(self.directory, options=options)
 

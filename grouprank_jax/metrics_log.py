@@ -15,6 +15,7 @@ or fully addressable, which reduced scalars returned from a jitted step are.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -90,10 +91,7 @@ class MetricsLogger:
             _truncate_after(self.run_dir / METRICS_FILE, resume_step)
         self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(logdir=str(self.run_dir / TB_DIR), flush_secs=30, purge_step=purge)
+            self._tb = _EventFile(self.run_dir / TB_DIR, purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record ``metrics`` (name -> scalar) at ``step``; a no-op when disabled."""
@@ -114,6 +112,7 @@ class MetricsLogger:
                 # TensorBoard tags allow [A-Za-z0-9_./-]; tensorboardX would rename
                 # "rollout_ndcg@10" itself, with an INFO line per metric per step.
                 self._tb.add_scalar(_TB_TAG.sub("_", name), value, int(step))
+            self._tb.flush()
 
     def close(self) -> None:
         if self._file is not None:
@@ -128,6 +127,43 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_EVENT_FILES = itertools.count()
+
+
+class _EventFile:
+    """TensorBoard scalars written and flushed in the caller's thread, like ``metrics.jsonl``.
+
+    tensorboardX's ``SummaryWriter`` queues events for a thread that writes them every
+    ``flush_secs`` (its ``flush`` does not drain that queue), so a SIGKILL lost steps that the
+    resumed run, starting after its checkpoint, never logs again. ``purge_step`` is
+    ``SummaryWriter``'s: TensorBoard hides the events of a killed run from that step on.
+    """
+
+    def __init__(self, logdir: Path, purge_step: int | None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        logdir.mkdir(parents=True, exist_ok=True)
+        self._event = Event
+        # The name holds only the second: a suffix per process and file keeps a fast restart's apart.
+        suffix = f".{os.getpid()}.{next(_EVENT_FILES)}"
+        self._writer = EventsWriter(str(logdir / "events"), suffix)  # writes the file-version event
+        if purge_step is not None:
+            self._writer.write_event(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+        self.flush()
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX.summary import scalar
+
+        self._writer.write_event(self._event(wall_time=time.time(), step=step, summary=scalar(tag, value)))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -208,6 +208,7 @@ def train_grpo(
         stop_after=stop_after,
         progress=progress,
         config=to_dict(cfg),
+        data_batch=prompts_per_process,
         postfix="reward_mean",
     )
 

@@ -128,5 +128,6 @@ def train_sft(
         stop_after=stop_after,
         progress=progress,
         config=to_dict(cfg),
+        data_batch=per_process_batch,
         postfix="loss",
     )

@@ -67,6 +67,7 @@ def train_loop(
     progress: bool = True,
     postfix: str = "loss",
     config: Mapping[str, Any] | None = None,
+    data_batch: int | None = None,
 ) -> TrainResult:
     """Run ``step_fn`` until ``total_steps`` (resuming from ``run_dir``'s latest checkpoint).
 
@@ -76,10 +77,14 @@ def train_loop(
     third-party ones included, goes to ``run_dir/run.log``.
 
     ``config`` (the run config as a dict) is saved with every checkpoint beside ``total_steps``
-    and the process count. A resume refuses another process count (the data position is saved
-    per process) and warns, naming each key, when the config or the schedule length changed.
+    and the process count and ``data_batch`` (what one step takes from each process's data
+    iterator: rows, or prompts). A resume refuses another process count or data batch (the data
+    position is saved per process, in batches) and warns, naming each key, when the config or
+    the schedule length changed.
     """
     meta = {"config": dict(config or {}), "total_steps": int(total_steps), "process_count": jax.process_count()}
+    if data_batch is not None:
+        meta["data_batch"] = int(data_batch)
     meta = json.loads(json.dumps(meta))  # as a checkpoint gives it back (tuples as lists), to compare
     with run_log(run_dir.log_file):
         return _loop(stage, state, data_iter, step_fn, run_dir, checkpoint, stop_after, progress, postfix, meta)
@@ -104,6 +109,14 @@ def check_resume(saved: Mapping[str, Any] | None, current: Mapping[str, Any], wh
             f"{where}: step {step} was saved by {saved['process_count']} processes, this run has "
             f"{current['process_count']}; the data position is stored per process, so resume with "
             f"{saved['process_count']} processes (or start a new run_dir with init_from={where.parent})"
+        )
+    if saved.get("data_batch", current.get("data_batch")) != current.get("data_batch"):
+        raise ValueError(
+            f"{where}: step {step} was saved with a data batch of {saved['data_batch']} per process per "
+            f"step, this run's is {current['data_batch']} (sft: per_device_batch x data*fsdp devices / "
+            "processes x grad_accum_steps; grpo: global_batch_prompts / processes); the data position is "
+            "counted in batches, so resume with the same batch and device count (or start a new run_dir "
+            f"with init_from={where.parent})"
         )
     before = _flat({"config": saved.get("config", {}), "total_steps": saved.get("total_steps")})
     after = _flat({"config": current["config"], "total_steps": current["total_steps"]})

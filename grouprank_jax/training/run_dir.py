@@ -46,9 +46,49 @@ class RunDir:
             self.root.mkdir(parents=True, exist_ok=True)
 
 
+# ModelConfig fields that decide what a checkpoint holds (shapes, adapters, parameter math);
+# the others (compute dtype, attention kernel, remat, chunk sizes) may change between resumes.
+WEIGHT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "param_dtype",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+)
+
+
+def check_model_config(model_cfg, run_dir: RunDir) -> None:
+    """Refuse a model that differs, in what its weights are, from the one this run's checkpoints
+    hold (``model_config.json``), before anything is written: the file is what export, rerank
+    and ``init_from`` load the checkpoints with, so overwriting it would strand them."""
+    path = run_dir.root / CONFIG_FILE
+    has_steps = run_dir.checkpoints.is_dir() and any(p.name.isdigit() for p in run_dir.checkpoints.iterdir())
+    if not (has_steps and path.exists()):
+        return
+    saved = json.loads(path.read_text())
+    now = json.loads(json.dumps(dataclasses.asdict(model_cfg)))  # tuples as lists, as saved
+    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in WEIGHT_FIELDS if saved.get(k) != now[k]]
+    if changed:
+        raise ValueError(
+            f"{run_dir.root} holds checkpoints of another model ({'; '.join(changed)}); resume with the "
+            f"settings in {path}, or start a new run_dir (init_from={run_dir.root} continues from it)"
+        )
+
+
 def save_base_weights(model, run_dir: RunDir) -> None:
     """Write ``model_config.json`` and, for a LoRA run, the frozen full weights it adapts
-    (export merges the adapters into them; full fine-tuning checkpoints carry every weight)."""
+    (export merges the adapters into them; full fine-tuning checkpoints carry every weight).
+    A run dir whose checkpoints hold another model is refused first (``check_model_config``)."""
+    check_model_config(model.cfg, run_dir)
     run_dir.prepare()
     # Every process must take the same branch (the save is collective): ask process 0 only.
     missing = int(jax.process_index() == 0 and not (run_dir.base / "params").exists())

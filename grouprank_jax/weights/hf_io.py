@@ -170,7 +170,7 @@ def save_hf(
     previous export whole, never new config beside old weights.
     """
 
-    final = Path(out_dir).absolute()
+    final = Path(out_dir).resolve()  # a symlinked out_dir: write beside (and into) its target
     out_dir = final.parent / f".{final.name}.partial"
     cfg = model.cfg
     writer = jax.process_index() == 0

@@ -220,3 +220,22 @@ def test_no_checkpoint_is_actionable(tmp_path):
         assert ckpt.latest_step() is None
         with pytest.raises(FileNotFoundError, match="no finalized checkpoint"):
             ckpt.restore()
+
+
+def test_a_save_killed_midway_leaves_no_temporary_step_behind(tmp_path):
+    """A kill during a save leaves ``<step>.orbax-checkpoint-tmp``; a preemption save at an
+    off-cadence step never recurs, so nothing used to delete it (``keep`` counts finished steps
+    only). The writer removes such leftovers when it opens the directory; a reader leaves them."""
+    state = _state()
+    with Checkpointer(tmp_path, save_every=2, async_save=False) as ckpt:
+        ckpt.save(2, state)
+    leftover = tmp_path / "3.orbax-checkpoint-tmp"
+    (leftover / "state").mkdir(parents=True)
+    with Checkpointer(tmp_path, read_only=True) as reader:
+        assert reader.latest_step() == 2
+    assert leftover.exists()
+    with Checkpointer(tmp_path, save_every=2, async_save=False) as ckpt:
+        assert ckpt.latest_step() == 2
+        ckpt.save(4, state)
+    assert not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "4"]

@@ -97,3 +97,39 @@ def test_plot_png_and_cli(tmp_path, capsys):
     assert out.stat().st_size > 1_000 and str(out) in capsys.readouterr().out
     assert cli_main(["plot", str(tmp_path / "missing")]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+def test_tensorboard_events_are_on_disk_after_every_step(tmp_path):
+    """A SIGKILL loses no TensorBoard step the resume will not re-log: each ``log`` flushes (the
+    writer used to hold up to 30 s of events in memory)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    logger = MetricsLogger(tmp_path, enabled=True)
+    for step in (1, 2, 3):
+        logger.log(step, {"sft/loss": 1.0 / step})
+    steps = []  # read the files as a killed process would have left them: no close()
+    for path in (tmp_path / "tb").glob("events.out.tfevents.*"):
+        data, i = path.read_bytes(), 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12 : i + 12 + n])
+            steps += [event.step for v in event.summary.value if v.tag == "sft/loss"]
+            i += 12 + n + 4
+    assert steps == [1, 2, 3]
+    logger.close()
+    first = set((tmp_path / "tb").glob("events.out.tfevents.*"))
+    with MetricsLogger(tmp_path, enabled=True, resume_step=2) as logger:  # a resume after step 2
+        logger.log(3, {"sft/loss": 0.3})
+    # a new file, not the first one overwritten (the name's time is in seconds)
+    (newest,) = set((tmp_path / "tb").glob("events.out.tfevents.*")) - first
+    data = newest.read_bytes()
+    event = event_pb2.Event()
+    (n,) = struct.unpack("<Q", data[:8])
+    event.ParseFromString(data[12 : 12 + n])
+    assert event.file_version == "brain.Event:2"
+    (n2,) = struct.unpack("<Q", data[12 + n + 4 : 12 + n + 12])
+    event.ParseFromString(data[12 + n + 16 : 12 + n + 16 + n2])
+    assert event.step == 3 and event.session_log.status == event_pb2.SessionLog.START  # TensorBoard's purge

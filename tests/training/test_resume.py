@@ -298,3 +298,29 @@ def test_check_resume_refuses_another_process_count_and_names_changed_settings(t
     )
     assert "grpo.lora_targets: ['q_proj'] -> None" in message and "total_steps: 460 -> 10" in message
     check_resume(None, changed, where, 7)  # checkpoints from before this metadata: nothing to compare
+    # The data position is counted in batches: another per-process batch (e.g. SFT on another
+    # device count with the same fsdp: -1 config) would skip or repeat records.
+    with pytest.raises(ValueError, match=r"data batch of 4 per process per step, this run's is 8"):
+        check_resume({**saved, "data_batch": 4}, {**same, "data_batch": 8}, where, 7)
+    check_resume({**saved, "data_batch": 4}, {**same, "data_batch": 4}, where, 7)
+
+
+def test_a_run_dir_of_another_model_is_refused_before_its_model_config_is_touched(tmp_path):
+    """A resume with another LoRA rank (or shape) used to rewrite ``model_config.json`` before
+    the restore failed, after which export, rerank and init_from could not load the run."""
+    from grouprank_jax.config import model_preset
+    from grouprank_jax.models import create_model
+    from grouprank_jax.training.run_dir import RunDir, save_base_weights
+
+    run = RunDir(tmp_path / "run")
+    model = create_model(model_preset("tiny").replace(lora_rank=4), seed=0)
+    save_base_weights(model, run)
+    written = (run.root / "model_config.json").read_text()
+    save_base_weights(create_model(model_preset("tiny").replace(lora_rank=8), seed=0), run)  # no checkpoint yet
+    (run.checkpoints / "2").mkdir(parents=True)
+    save_base_weights(create_model(model_preset("tiny").replace(lora_rank=8, remat="full"), seed=0), run)
+    (run.root / "model_config.json").write_text(written)
+    with pytest.raises(ValueError, match=r"holds checkpoints of another model \(lora_rank: 4 -> 8\)"):
+        save_base_weights(create_model(model_preset("tiny").replace(lora_rank=8), seed=0), run)
+    assert (run.root / "model_config.json").read_text() == written
+    save_base_weights(create_model(model_preset("tiny").replace(lora_rank=4, remat="full"), seed=0), run)

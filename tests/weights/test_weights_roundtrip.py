@@ -152,6 +152,21 @@ def test_killed_re_export_leaves_the_previous_export_whole(tmp_path, monkeypatch
     assert {p.name for p in tmp_path.iterdir()} == {"src", "dst"}  # no partial/old directories left
 
 
+def test_export_into_a_symlinked_directory_writes_the_target(tmp_path):
+    """``--out`` a symlink (e.g. to a bucket mount): the export used to rename the link itself,
+    write a local directory in its place and then crash; the target stayed empty."""
+    src, target, link = tmp_path / "src", tmp_path / "bucket" / "export", tmp_path / "work" / "export"
+    make_hf_model(src, tied=True)
+    target.mkdir(parents=True)
+    link.parent.mkdir()
+    link.symlink_to(target, target_is_directory=True)
+    save_hf(load_hf(src), link)
+    save_hf(load_hf(src), link)  # a re-export swaps the target's contents too
+    assert link.is_symlink() and (target / "model.safetensors").exists() and (target / "config.json").exists()
+    assert sorted(p.name for p in link.parent.iterdir()) == ["export"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["export"]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
