@@ -1,9 +1,14 @@
-"""``grouprank import-hf`` and ``grouprank export-hf``: HF safetensors <-> Orbax checkpoints."""
+"""``grouprank import-hf`` and ``grouprank export-hf``: HF safetensors <-> Orbax checkpoints.
+
+Both run on the host CPU (``parallel.host_mesh``): a 32B model in fp32 does not fit one
+accelerator chip, and the conversion itself is host work (safetensors are written from host
+memory)."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from grouprank_jax.parallel import host_mesh
 from grouprank_jax.tokenizer import load_tokenizer
 from grouprank_jax.weights import load_hf, save_hf
 from grouprank_jax.weights.loading import load_model
@@ -38,14 +43,14 @@ def register(subparsers) -> None:
 
 
 def run_import(args) -> int:
-    model = load_hf(args.hf, dtype=jnp.dtype(args.dtype))
+    model = load_hf(args.hf, dtype=jnp.dtype(args.dtype), mesh=host_mesh())
     out = save_params(model, args.out)
     print(f"imported {args.hf} -> {out} ({model.cfg.num_params / 1e6:.1f}M params)")
     return 0
 
 
 def run_export(args) -> int:
-    model = load_model(args.checkpoint, step=args.step)
+    model = load_model(args.checkpoint, step=args.step, mesh=host_mesh())
     tokenizer = load_tokenizer(args.tokenizer)
     out = save_hf(
         model, args.out, max_shard_bytes=int(args.max_shard_gb * 1024**3), tokenizer=tokenizer, dtype=args.dtype

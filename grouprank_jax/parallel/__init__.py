@@ -3,6 +3,7 @@
 from grouprank_jax.parallel.mesh import (
     LOGICAL_AXIS_RULES,
     MESH_AXES,
+    host_mesh,
     logical_to_spec,
     make_mesh,
     named_sharding,
@@ -13,6 +14,7 @@ from grouprank_jax.parallel.mesh import (
 __all__ = [
     "LOGICAL_AXIS_RULES",
     "MESH_AXES",
+    "host_mesh",
     "logical_to_spec",
     "make_mesh",
     "named_sharding",

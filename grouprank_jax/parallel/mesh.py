@@ -94,6 +94,18 @@ def single_device_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES)
 
 
+def host_mesh() -> Mesh:
+    """One host CPU device, for work that needs no accelerator and may not fit one chip (HF
+    import/export of a 32B model: 122 GiB in fp32): host RAM holds it, and a TPU held by a
+    training job on the same VM is not needed. The default device when the CPU backend is off
+    (``JAX_PLATFORMS`` without cpu)."""
+    try:
+        devices = jax.devices("cpu")
+    except RuntimeError:
+        return single_device_mesh()
+    return Mesh(np.asarray(devices[:1]).reshape(1, 1, 1), MESH_AXES)
+
+
 def logical_to_spec(
     names: Sequence[str | None] | None,
     shape: Sequence[int] | None = None,

@@ -25,3 +25,28 @@ def test_import_then_export_round_trip(tmp_path):
     np.testing.assert_array_equal(hf_logits(hf, ids, mask)[valid], hf_logits(reloaded, ids, mask)[valid])
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "back"))
     assert tok.encode("Hello, world!") == [9707, 11, 1879, 0]
+
+
+def test_conversions_load_onto_one_host_cpu_device(tmp_path, monkeypatch):
+    """import-hf/export-hf place the model on the host CPU, not on the first accelerator chip
+    (a 32B fp32 model, 122 GiB, does not fit one). Here every device is a CPU, so the mesh the
+    commands pass is what is checked."""
+    import grouprank_jax.commands.convert as convert
+
+    meshes = []
+
+    def recording(load):
+        def wrapped(*args, **kwargs):
+            meshes.append(kwargs.get("mesh"))
+            return load(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(convert, "load_hf", recording(convert.load_hf))
+    monkeypatch.setattr(convert, "load_model", recording(convert.load_model))
+    make_hf_model(tmp_path / "hf", tied=True)
+    assert main(["import-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back")]) == 0
+    assert len(meshes) == 2
+    for mesh in meshes:
+        assert mesh is not None and mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
