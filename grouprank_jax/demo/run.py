@@ -245,6 +245,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
             group_size_max=cfg.data.max_group,
             lora_rank=cfg.grpo_lora_rank,
             lora_alpha=cfg.grpo_lora_alpha,
+            total_steps=cfg.grpo_steps,
         ),
     )
     grpo = train_grpo(
@@ -252,7 +253,6 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
         records=list(iter_records([str(paths["rl_train"])], purpose="rl")),
         tokenizer=tokenizer,
         model=_copy_model(sft.model),
-        max_steps=cfg.grpo_steps,
         progress=progress,
     )
     timings["grpo_s"] = time.perf_counter() - t0

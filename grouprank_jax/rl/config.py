@@ -46,6 +46,7 @@ class GRPOConfig:
     global_batch_prompts: int = 64  # global train batch 64 [paper Table 10]
     mini_batch_prompts: int = 64  # PPO mini-batch 64 -> one update per rollout batch [Table 10]
     epochs: int = 5  # passes over the 5,907 RL samples [paper Table 10]
+    total_steps: int | None = None  # None: derived from epochs and the data size (as sft.total_steps)
     num_updates_per_batch: int = 1  # verl ppo_epochs; 1 + mini==global => on-policy [INFERRED]
     # Rows per forward/backward pass inside a mini-batch (gradient accumulation with a global
     # denominator, so the update is unchanged); None = the whole mini-batch at once.
@@ -126,6 +127,8 @@ class GRPOConfig:
                 f"micro_batch_rows={self.micro_batch_rows} must hold whole prompts with shared_prefix "
                 f"(a multiple of rollouts_per_prompt={self.rollouts_per_prompt}), or set shared_prefix: false"
             )
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"grpo.total_steps must be >= 1 (or null: from grpo.epochs), got {self.total_steps}")
         if not 1 <= self.group_size_min <= self.group_size_max:
             raise ValueError("need 1 <= group_size_min <= group_size_max")
 

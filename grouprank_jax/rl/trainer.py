@@ -105,7 +105,7 @@ def train_grpo(
     save_base_weights(model, run_dir)
 
     prompts_per_process = grpo.global_batch_prompts // jax.process_count()
-    total_steps = grpo.epochs * max(1, len(records) // grpo.global_batch_prompts) if max_steps is None else max_steps
+    total_steps = grpo_total_steps(grpo, len(records), max_steps)
     tx = make_grpo_optimizer(grpo, total_steps * grpo.updates_per_rollout_batch)
     state = init_train_state(model, tx, lora=lora, seed=cfg.seed)
     # Full fine-tuning keeps a frozen copy of the starting weights as the KL reference.
@@ -211,6 +211,13 @@ def train_grpo(
         data_batch=prompts_per_process,
         postfix="reward_mean",
     )
+
+
+def grpo_total_steps(grpo, num_records: int, max_steps: int | None = None) -> int:
+    """``grpo.total_steps``, else ``epochs`` x the batches in the data; ``max_steps`` (the CLI's
+    ``--max-steps``) caps it, as for SFT."""
+    total = grpo.total_steps or grpo.epochs * max(1, num_records // grpo.global_batch_prompts)
+    return total if max_steps is None else min(total, max_steps)
 
 
 def computed_tokens(seq_mask: np.ndarray, prompt_len: int, rollouts: int | None) -> int:

@@ -263,3 +263,16 @@ def test_training_tokens_count_a_shared_prompt_once():
     mask[:, 4:] = [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1]]
     assert computed_tokens(mask, 4, None) == 2 * 3 + 2 * 4 + 9
     assert computed_tokens(mask, 4, 2) == 3 + 4 + 9
+
+
+def test_max_steps_caps_the_grpo_schedule_as_for_sft():
+    """``--max-steps`` said "cap" but set GRPO's step count (and LR schedule) outright."""
+    from grouprank_jax.rl.trainer import grpo_total_steps
+
+    grpo = GRPOConfig(global_batch_prompts=4, mini_batch_prompts=4, epochs=2)
+    assert grpo_total_steps(grpo, 10) == 4  # 2 epochs x 2 whole batches
+    assert grpo_total_steps(grpo, 10, max_steps=3) == 3
+    assert grpo_total_steps(grpo, 10, max_steps=50) == 4
+    assert grpo_total_steps(grpo.replace(total_steps=16), 10) == 16
+    with pytest.raises(ValueError, match="grpo.total_steps must be >= 1"):
+        GRPOConfig(total_steps=0)
