@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from grouprank_jax.config import ModelConfig
@@ -69,8 +69,17 @@ def _tensor_index(path: Path) -> dict[str, Path]:
     if not single.exists():
         raise FileNotFoundError(f"{path}: neither {SAFE_SINGLE} nor {SAFE_INDEX} found")
 
-    with safe_open(str(single), framework="numpy") as fh:
+    with _safe_open(single) as fh:
         return {k: single for k in fh.keys()}
+
+
+def _safe_open(file: Path):
+    """``safe_open`` whose failure names the file: a truncated copy fails here (safetensors checks
+    that the header's tensors cover the file), as does a file that is not safetensors."""
+    try:
+        return safe_open(str(file), framework="numpy")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointFormatError(f"{file}: not a readable safetensors file ({err}); copy it again") from None
 
 
 def load_hf(
@@ -117,7 +126,7 @@ def load_hf(
         for hf_key, nnx_path, mapping in expected:
             file = locations[hf_key]
             if file not in handles:
-                handles[file] = safe_open(str(file), framework="numpy").__enter__()
+                handles[file] = _safe_open(file).__enter__()
             raw = handles[file].get_tensor(hf_key)
             variable = flat[nnx_path]
             target = variable.get_value()

@@ -50,3 +50,18 @@ def test_conversions_load_onto_one_host_cpu_device(tmp_path, monkeypatch):
     assert len(meshes) == 2
     for mesh in meshes:
         assert mesh is not None and mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+
+
+def test_a_truncated_shard_is_named_and_exits_2(tmp_path, capsys):
+    """An interrupted copy of a safetensors shard used to be an "unexpected SafetensorError"
+    (exit 1) naming no file."""
+    make_hf_model(tmp_path / "hf", tied=True)
+    capsys.readouterr()
+    shard = tmp_path / "hf" / "model.safetensors"
+    for size in (40, shard.stat().st_size // 2):  # a cut header, then cut tensor data
+        data = shard.read_bytes()
+        shard.write_bytes(data[:size])
+        assert main(["import-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 2
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+        assert line.startswith(f"grouprank import-hf: error: {shard}: ") and "copy" in line, line
+        shard.write_bytes(data)
