@@ -41,6 +41,18 @@ RUNTIME_FIELDS = (
     "loss_chunk_size",
 )
 
+# The architecture: what ``init_from`` decides; a config naming another one is warned about.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "tie_word_embeddings",
+)
+
 
 class NotACheckpointError(FileNotFoundError):
     """A path that is none of the model layouts ``load_model`` reads."""
@@ -105,6 +117,19 @@ def initial_model(init_from: str | None, model_cfg: ModelConfig, mesh: Mesh | No
     if init_from is None:
         return create_model(model_cfg.replace(lora_rank=0), mesh=mesh, seed=seed)
     model = load_model(init_from, mesh=mesh)
+    ours, theirs = model.cfg, model_cfg
+    differ = [
+        f"{k} {getattr(ours, k)} (config: {getattr(theirs, k)})"
+        for k in SHAPE_FIELDS
+        if getattr(ours, k) != getattr(theirs, k)
+    ]
+    if differ:
+        log.warning(
+            "init_from=%s holds another model than the config's model section: %s; training the "
+            "checkpoint's model (`grouprank plan` and `compile` size the config's: set model.preset to match)",
+            init_from,
+            ", ".join(differ),
+        )
     if model.cfg.lora_rank:
         model = merge_lora(model, mesh)
     cfg = model.cfg.replace(**{k: getattr(model_cfg, k) for k in RUNTIME_FIELDS})

@@ -195,3 +195,21 @@ def test_null_kv_heads_means_one_per_query_head(tmp_path):
     )
     cfg = read_hf_config(tmp_path)
     assert cfg.num_kv_heads == cfg.num_heads
+
+
+def test_init_from_a_checkpoint_of_another_shape_is_warned_about(tmp_path, caplog):
+    """The checkpoint's architecture is trained, whatever model.preset says; a config naming
+    another one (which `plan` and `compile` size) used to get no word about it."""
+    from grouprank_jax.config import model_preset
+    from grouprank_jax.weights.loading import initial_model
+
+    make_hf_model(tmp_path / "hf", tied=True)
+    same = load_hf(tmp_path / "hf").cfg
+    with caplog.at_level("WARNING"):
+        assert initial_model(str(tmp_path / "hf"), same.replace(remat="full"), None).cfg.hidden_size == same.hidden_size
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        model = initial_model(str(tmp_path / "hf"), model_preset("qwen2.5-7b"), None)
+    assert model.cfg.hidden_size == same.hidden_size
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert f"hidden_size {same.hidden_size} (config: 3584)" in message and "num_layers" in message
