@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import os
-import warnings
 from typing import Any
 
 import jax
@@ -40,11 +39,17 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from grouprank_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Sub-directory (inside the checkpoint root) where damaged steps are moved aside. Its name is not
 # an integer, so Orbax's step discovery ignores it, and the data stays available for inspection.
 QUARANTINE_DIR = "quarantine"
+
+
+class CheckpointRestoreError(UserError, RuntimeError):
+    """No step of a checkpoint directory restores (each step's error is in the message)."""
 
 
 class MissingItemError(LookupError):
@@ -211,7 +216,7 @@ class Checkpointer:
             return self._restore_step(int(step), target, data_iterator, partial)
 
         failed: list[int] = []
-        first_error: Exception | None = None
+        reasons: list[str] = []
         for candidate in reversed(steps):
             error: Exception | None = None
             result = None
@@ -225,22 +230,25 @@ class Checkpointer:
                 if failed and not self.read_only:
                     self._quarantine(failed)
                 return result  # type: ignore[return-value]
-            first_error = first_error or error
             failed.append(candidate)
             older = [s for s in steps if s < candidate]
             reason = (
                 f"{type(error).__name__}: {str(error)[:400]}" if error is not None else "failed on another process"
             )  # tensorstore errors embed huge specs
-            msg = f"checkpoint step {candidate} in {self.directory} could not be restored ({reason}); " + (
-                f"falling back to step {older[-1]}" if older else "no older step left"
+            reasons.append(f"step {candidate}: {reason[:200]}")
+            log.warning(
+                "checkpoint step %d in %s could not be restored (%s); %s",
+                candidate,
+                self.directory,
+                reason,
+                f"falling back to step {older[-1]}" if older else "no older step left",
             )
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            log.warning(msg)
-        raise RuntimeError(
-            f"none of the checkpoints {steps} in {self.directory} could be restored; if every step "
-            f"fails the restore target probably does not match the saved state (tree structure, "
-            f"shapes or dtypes). First error: {first_error}"
-        ) from first_error
+        raise CheckpointRestoreError(
+            f"none of the checkpoints {steps} in {self.directory} could be restored ({'; '.join(reasons)}). "
+            "If every step fails alike, what is being restored does not match what was saved (another "
+            "model, LoRA or optimizer setting than the run's); read or decode errors mean damaged files: "
+            "restore them from a copy, or move those step directories away to start over"
+        )
 
     def _restore_step(self, step: int, target: Any, data_iterator: Any, partial: bool = False) -> Restored:
         present = set(self._item_names(step))

@@ -1,6 +1,6 @@
 """Checkpointer: bit-exact round trips, retention, resharding on restore, grain resume, damage."""
 
-import warnings
+import re
 
 import grain
 import jax
@@ -10,7 +10,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from grouprank_jax.checkpoint import QUARANTINE_DIR, Checkpointer, MissingItemError
+from grouprank_jax.checkpoint import QUARANTINE_DIR, Checkpointer, CheckpointRestoreError, MissingItemError
+from grouprank_jax.errors import is_user_error
 
 # A restore that fails inside Orbax abandons its sibling per-array read coroutines; they surface
 # as "Exception ignored in <coroutine ...>" whenever they are garbage-collected (a later test or
@@ -149,15 +150,17 @@ def _damage(step_dir, how):
 
 
 @pytest.mark.parametrize("how", ["garble_metadata", "delete_data", "bitflip"])
-def test_damaged_latest_falls_back_to_previous(tmp_path, how):
+def test_damaged_latest_falls_back_to_previous(tmp_path, how, caplog):
     old, new = _state(), jax.tree.map(lambda x: x + 1, _state())
     with Checkpointer(tmp_path, async_save=False) as ckpt:
         ckpt.save(1, old, force=True)
         ckpt.save(2, new, force=True)
     _damage(tmp_path / "2", how)
     with Checkpointer(tmp_path, async_save=False) as ckpt:
-        with pytest.warns(RuntimeWarning, match="step 2 .*falling back to step 1"):
+        with caplog.at_level("WARNING"):
             out = ckpt.restore(target=_abstract(old))
+        messages = [r.getMessage() for r in caplog.records if "could not be restored" in r.getMessage()]
+        assert len(messages) == 1 and re.search("step 2 .*falling back to step 1", messages[0]), messages
         assert out.step == 1
         _assert_bit_equal(old, out.state)
         # The damaged step is moved aside so step 2 can be saved again by the resumed run.
@@ -165,7 +168,7 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, how):
         assert ckpt.save(2, new, force=True)
 
 
-def test_read_only_reader_falls_back_but_moves_nothing(tmp_path):
+def test_read_only_reader_falls_back_but_moves_nothing(tmp_path, caplog):
     """export/rerank read a run that may still be training: never move its steps aside."""
     old, new = _state(), jax.tree.map(lambda x: x + 1, _state())
     with Checkpointer(tmp_path, async_save=False) as ckpt:
@@ -173,8 +176,9 @@ def test_read_only_reader_falls_back_but_moves_nothing(tmp_path):
         ckpt.save(2, new, force=True)
     _damage(tmp_path / "2", "garble_metadata")
     with Checkpointer(tmp_path, async_save=False, read_only=True) as ckpt:
-        with pytest.warns(RuntimeWarning, match="step 2 .*falling back to step 1"):
+        with caplog.at_level("WARNING"):
             out = ckpt.restore(target=_abstract(old))
+        assert re.search("step 2 .*falling back to step 1", caplog.text)
         assert out.step == 1 and ckpt.all_steps() == [1, 2]
         with pytest.raises(PermissionError, match="read-only"):
             ckpt.save(3, old, force=True)
@@ -197,11 +201,10 @@ def test_wrong_target_does_not_quarantine_good_steps(tmp_path):
         ckpt.save(2, _state(), force=True)
         bad = _abstract(_state())
         bad["count"] = jax.ShapeDtypeStruct((7,), jnp.int32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            with pytest.raises(RuntimeError, match="does not match"):
-                ckpt.restore(target=bad)
+        with pytest.raises(CheckpointRestoreError, match=r"\(step 2: .*; step 1: .*\)\. If every step fails alike"):
+            ckpt.restore(target=bad)
         assert ckpt.all_steps() == [1, 2]
+    assert is_user_error(CheckpointRestoreError("x"))  # one line and exit 2 from the CLI
 
 
 def test_async_save_then_wait(tmp_path):
