@@ -106,6 +106,9 @@ class ModelConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "initializer_range": self.initializer_range,
             "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+            # transformers < 5 (and servers built on it, e.g. vLLM) read only the top-level key
+            # and would default to 10,000; transformers 5 reads either.
+            "rope_theta": self.rope_theta,
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_dropout": 0.0,
             "use_sliding_window": False,
@@ -113,6 +116,7 @@ class ModelConfig:
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
             "dtype": "bfloat16" if self.param_dtype == "bfloat16" else "float32",
+            "torch_dtype": "bfloat16" if self.param_dtype == "bfloat16" else "float32",  # transformers < 5
             "use_cache": True,
         }
 

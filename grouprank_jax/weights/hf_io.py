@@ -205,7 +205,7 @@ def save_hf(
         return final
 
     hf_config = cfg.replace(lora_rank=0).to_hf_dict()
-    hf_config["dtype"] = "bfloat16" if store_dtype == jnp.bfloat16 else "float32"
+    hf_config["dtype"] = hf_config["torch_dtype"] = store_dtype.name  # what the shards hold
     hf_config["transformers_version"] = _transformers_version()
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     generation = {

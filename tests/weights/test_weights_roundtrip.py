@@ -74,6 +74,24 @@ def test_bf16_export_keeps_dtype(tmp_path):
     tensors = _all_tensors(dst)
     assert all(t.dtype == ml_dtypes.bfloat16 for t in tensors.values())
     assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
+    save_hf(load_hf(src), dst, dtype="float16")
+    config = json.loads((dst / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "float16"  # what the shards hold (was "float32")
+
+
+def test_exported_config_is_read_alike_by_transformers_4_and_5(tmp_path):
+    """transformers 5 keeps RoPE in ``rope_parameters``; 4.x (and vLLM builds on it) reads only a
+    top-level ``rope_theta`` and would silently take 10,000 instead of Qwen2.5's 1e6."""
+    from transformers import AutoConfig
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    make_hf_model(src, tied=True)
+    model = load_hf(src)
+    save_hf(model, dst)
+    config = json.loads((dst / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == model.cfg.rope_theta
+    assert config["torch_dtype"] == config["dtype"] == "float32"
+    assert AutoConfig.from_pretrained(str(dst)).rope_parameters["rope_theta"] == model.cfg.rope_theta
 
 
 def _corrupt(src, mutate):
