@@ -18,16 +18,27 @@ def _host(array) -> np.ndarray:
     return np.asarray(jax.device_get(array))
 
 
-def merged_kernels(model) -> dict[tuple, np.ndarray]:
-    """NNX path of each adapted kernel -> ``W + scale * A @ B`` (host numpy, fp32 math). In a
+def adapted_projections(model) -> dict[tuple, Projection]:
+    """NNX path of each kernel that carries a LoRA adapter -> its ``Projection``."""
+    return {
+        tuple(path) + ("kernel",): module
+        for path, module in nnx.iter_graph(model)
+        if isinstance(module, Projection) and module.lora is not None
+    }
+
+
+def merged_kernel(module: Projection) -> np.ndarray:
+    """``W + scale * A @ B`` of one adapted projection (host numpy, fp32 math, W's dtype). In a
     multi-process job every process must call it (the gathers are collective)."""
-    out = {}
-    for path, module in nnx.iter_graph(model):
-        if isinstance(module, Projection) and module.lora is not None:
-            kernel = module.kernel.get_value()
-            merged = _host(kernel).astype(np.float32) + _host(module.lora.merged_delta())
-            out[tuple(path) + ("kernel",)] = merged.astype(jnp.dtype(kernel.dtype))
-    return out
+    kernel = module.kernel.get_value()
+    merged = _host(kernel).astype(np.float32) + _host(module.lora.merged_delta())
+    return merged.astype(jnp.dtype(kernel.dtype))
+
+
+def merged_kernels(model) -> dict[tuple, np.ndarray]:
+    """NNX path of each adapted kernel -> its ``merged_kernel`` (all at once: host memory for
+    every adapted kernel; the HF export merges one at a time instead)."""
+    return {path: merged_kernel(module) for path, module in adapted_projections(model).items()}
 
 
 def lora_filter():

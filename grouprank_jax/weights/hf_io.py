@@ -22,10 +22,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+from tqdm.auto import tqdm
 
 from grouprank_jax.config import ModelConfig
 from grouprank_jax.models.build import variable_sharding
-from grouprank_jax.models.lora import merged_kernels
+from grouprank_jax.models.lora import adapted_projections, merged_kernel
 from grouprank_jax.models.qwen2 import Qwen2ForCausalLM
 from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, Rules
 from grouprank_jax.weights.mapping import expand
@@ -188,19 +189,33 @@ def save_hf(
         out_dir.mkdir(parents=True)
     store_dtype = jnp.dtype(dtype or cfg.param_dtype)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    adapted = adapted_projections(model)  # LoRA adapters are folded into their kernels
 
-    merged = merged_kernels(model)  # LoRA adapters folded into their kernels
-
-    shards: list[dict[str, np.ndarray]] = [{}]
-    shard_bytes = 0
-    for hf_key, nnx_path, mapping in expand(cfg):
-        host = merged[nnx_path] if nnx_path in merged else _host_value(flat[nnx_path])
-        value = mapping.to_hf(host, cfg).astype(store_dtype)
-        if shard_bytes and shard_bytes + value.nbytes > max_shard_bytes:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][hf_key] = value
-        shard_bytes += value.nbytes
+    # Shards are planned from the shapes, then converted and written one at a time, so host
+    # memory holds one shard, not the model (122 GiB for 32B in fp32).
+    entries = list(expand(cfg))
+    sizes = [int(np.prod(flat[path].get_value().shape)) * store_dtype.itemsize for _, path, _ in entries]
+    groups = _shard_groups(sizes, max_shard_bytes)
+    names = (
+        [SAFE_SINGLE]
+        if len(groups) == 1
+        else [f"model-{n:05d}-of-{len(groups):05d}.safetensors" for n in range(1, len(groups) + 1)]
+    )
+    weight_map: dict[str, str] = {}
+    bar = tqdm(total=len(groups), desc="export shards", disable=len(groups) == 1 or not writer, leave=False)
+    for name, group in zip(names, groups):
+        shard = {}
+        for i in group:
+            hf_key, path, mapping = entries[i]
+            host = merged_kernel(adapted[path]) if path in adapted else _host_value(flat[path])
+            shard[hf_key] = mapping.to_hf(host, cfg).astype(store_dtype)
+            assert shard[hf_key].nbytes == sizes[i], (hf_key, shard[hf_key].shape)  # the plan's size
+        if writer:
+            save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        del shard
+        bar.update(1)
+    bar.close()
     if not writer:
         return final
 
@@ -217,22 +232,27 @@ def save_hf(
         "top_p": 0.8,
     }
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / SAFE_SINGLE), metadata={"format": "pt"})
-    else:
-        weight_map, total = {}, 0
-        for n, shard in enumerate(shards, start=1):
-            name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out_dir / name), metadata={"format": "pt"})
-            for key, value in shard.items():
-                weight_map[key] = name
-                total += value.nbytes
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
         (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     if tokenizer is not None:
         _save_tokenizer(tokenizer, out_dir)
     _publish(out_dir, final)
     return final
+
+
+def _shard_groups(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
+    """Consecutive tensor indices per shard: a shard closes before the tensor that would take it
+    over ``max_shard_bytes`` (a single larger tensor gets a shard of its own), as HF does."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i, size in enumerate(sizes):
+        if used and used + size > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += size
+    return groups
 
 
 def _publish(partial: Path, final: Path) -> None:
