@@ -3,7 +3,7 @@
 Layout: ``model_config.json`` (the trained model's ``ModelConfig``), ``checkpoints/<step>/``
 (Orbax), ``base/params`` (a LoRA run's frozen full weights, which export merges the adapters
 into), ``metrics.jsonl``, ``tb/`` (TensorBoard), ``run.log`` (every log record, third-party
-INFO included) and the curves PNG.
+INFO included; ``run.<i>.log`` for process i > 0) and the curves PNG.
 """
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ class RunDir:
 
     @property
     def log_file(self) -> Path:
-        return self.root / "run.log"
+        """``run.log`` for process 0, ``run.<i>.log`` for process i: appends from several hosts to
+        one file of a shared (e.g. bucket-mounted) file system overwrite each other."""
+        index = jax.process_index()
+        return self.root / ("run.log" if index == 0 else f"run.{index}.log")
 
     def prepare(self) -> None:
         if jax.process_index() == 0:

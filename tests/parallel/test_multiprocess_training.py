@@ -125,6 +125,10 @@ def test_two_processes_train_like_one(tmp_path):
     moved = max(float(np.abs(a[k]).max()) for k in a.files if k.endswith("lora/b"))
     assert moved > 1e-4, moved
     assert sorted(os.listdir(tmp_path / "multi" / "grpo" / "checkpoints"))  # steps 1 and 2 saved
+    # one log file per process (appends of several hosts to one file of a bucket mount collide)
+    for stage in ("sft", "grpo"):
+        assert {p for p in os.listdir(tmp_path / "multi" / stage) if p.startswith("run.")} == {"run.log", "run.1.log"}
+        assert "run.1.log" not in os.listdir(tmp_path / "single" / stage)
     # The HF export of the 2-process LoRA model (merged adapters) equals the 1-process one.
     from safetensors.numpy import load_file
 
