@@ -51,7 +51,7 @@ from grouprank_jax.tokenizer import load_tokenizer
 from grouprank_jax.training.loop import TrainResult, train_loop
 from grouprank_jax.training.run_dir import RunDir, save_base_weights, stage_records
 from grouprank_jax.training.state import init_train_state, shard_batch
-from grouprank_jax.weights.loading import initial_model, with_lora
+from grouprank_jax.weights.loading import initial_model, resumed_lora_base, with_lora
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,9 @@ def train_grpo(
     if grpo.group_sampling == "as_written":
         check_group_sizes(records, grpo.group_size_max)
     load_template(cfg.prompt.preset)  # a bad preset fails here, not after the model is built
-    model = model if model is not None else initial_model(cfg.init_from, cfg.model, mesh, seed=cfg.seed)
+    if model is None:
+        resumed = resumed_lora_base(run_dir.root, cfg.model, mesh) if grpo.lora_enabled else None
+        model = resumed or initial_model(cfg.init_from, cfg.model, mesh, seed=cfg.seed)
     lora = grpo.lora_enabled
     if lora:
         model = with_lora(model, grpo.lora_rank, grpo.lora_alpha, grpo.lora_targets, mesh, cfg.seed)

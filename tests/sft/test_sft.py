@@ -212,3 +212,43 @@ def test_packed_epochs_count_rows_not_records(tmp_path):
     result = train_sft(cfg, records=records, progress=False)
     trained = sum(m["sft/loss_tokens"] for m in result.metrics)
     assert 0.7 * epoch_targets <= trained <= 1.3 * epoch_targets, (trained, epoch_targets, len(result.metrics))
+
+
+def test_a_resumed_lora_run_adapts_the_base_it_started_from(tmp_path):
+    """A LoRA run's frozen base is written to ``base/params`` at its first start, and export
+    merges the adapters into it. A resume used to rebuild the base from ``init_from`` again, so
+    if that had changed (a run dir that trained on), training went on over another base than the
+    one export uses; now it resumes over ``base/params``."""
+    import jax
+    import numpy as np
+
+    from grouprank_jax.config import model_preset
+    from grouprank_jax.config.run import run_config_from_dict
+    from grouprank_jax.data.records import records_from_rows
+    from grouprank_jax.models import create_model
+    from grouprank_jax.models.lora import base_filter
+    from grouprank_jax.sft.trainer import train_sft
+    from grouprank_jax.weights.orbax_io import save_params
+
+    start = tmp_path / "start"
+    save_params(create_model(model_preset("tiny"), seed=1), start)
+    rows = [{"query": f"q{i}", "documents": ["alpha beta", "gamma", "delta"], "scores": [i, 3, 0]} for i in range(4)]
+    cfg = run_config_from_dict(
+        {
+            "model": {"preset": "tiny"},
+            "prompt": {"preset": "compact"},
+            "init_from": str(start),
+            "sft": {"per_device_batch": 1, "max_seq_len": 256, "length_buckets": [256], "packing": False},
+            "checkpoint": {"async_save": False, "save_every": 1},
+            "run_dir": str(tmp_path / "run"),
+        }
+    )
+    cfg = cfg.replace(sft=cfg.sft.replace(total_steps=2, lora_rank=4))
+    records = records_from_rows(rows, purpose="sft")
+    first = train_sft(cfg, records=records, stop_after=1, progress=False)
+    base = [np.asarray(x) for x in jax.tree.leaves(nnx.state(first.model, base_filter()))]
+    save_params(create_model(model_preset("tiny"), seed=2), start)  # init_from moved on
+    second = train_sft(cfg, records=records, progress=False)
+    assert second.step == 2
+    resumed = [np.asarray(x) for x in jax.tree.leaves(nnx.state(second.model, base_filter()))]
+    assert len(resumed) == len(base) and all(np.array_equal(a, b) for a, b in zip(resumed, base))
