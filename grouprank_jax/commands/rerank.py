@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("rerank", help="rerank a first-stage run with a groupwise LLM")
-    parser.add_argument("--model", required=True, help="HF-format checkpoint directory (Qwen2.5)")
+    parser.add_argument(
+        "--model", required=True, help="a HF Qwen2 directory, an import-hf checkpoint or a training run directory"
+    )
     parser.add_argument("--data", required=True, help="rank_llm JSON file, or a BEIR/TSV dataset directory")
     parser.add_argument("--run", help="first-stage TREC run (required with a dataset directory)")
     parser.add_argument("--out", required=True, help="output TREC run file")
