@@ -203,8 +203,9 @@ def _cli_config(tmp_path, stage: str) -> Path:
         cfg["data"] = {"sft_train": [_write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)]}
     else:
         cfg = _grpo_cfg(run_dir)
-        # 4 prompts x 2 rollouts: rows divide the 8-device batch axes of the command's mesh
-        cfg["grpo"].update(global_batch_prompts=4, mini_batch_prompts=4)
+        # 4 prompts x 2 rollouts: rows divide the 8-device batch axes of the command's mesh;
+        # a long schedule, as for SFT (--max-steps only caps it)
+        cfg["grpo"].update(global_batch_prompts=4, mini_batch_prompts=4, total_steps=10_000)
         cfg["data"] = {"rl_train": [_write_jsonl(tmp_path / "rl.jsonl", ROWS)]}
     cfg["checkpoint"] = {"save_every": 10_000, "keep": 3, "async_save": True}  # only the SIGTERM save
     path = tmp_path / f"{stage}.yaml"
