@@ -158,18 +158,22 @@ def test_every_command_has_an_example_in_its_help():
 
 
 def test_an_unexpected_failure_exits_1_and_shows_the_traceback_only_with_v(tmp_path):
-    """A HF directory whose safetensors file is truncated (a broken download): safetensors raises
-    inside its own code, which the policy does not classify as the user's input error."""
+    """A tokenizer directory whose tokenizer.json is truncated: transformers raises inside its own
+    code, which the policy does not classify as the user's input error. (A truncated safetensors
+    shard, the example before, is now a named input error: tests/weights/test_convert_cli.py.)"""
+    from grouprank_jax.tokenizer import load_tokenizer, save_tokenizer
+
     from hf_utils import make_hf_model
 
     make_hf_model(tmp_path / "hf")
-    weights = tmp_path / "hf" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-    quiet = _grouprank("export-hf", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "out")
+    tokenizer = save_tokenizer(load_tokenizer(), tmp_path / "tok")
+    (tokenizer / "tokenizer.json").write_bytes((tokenizer / "tokenizer.json").read_bytes()[:100])
+    args = ("export-hf", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "out", "--tokenizer", tokenizer)
+    quiet = _grouprank(*args)
     assert quiet.returncode == 1, quiet.stderr[-2000:]
     assert "Traceback" not in quiet.stderr and "run with -v for the traceback" in quiet.stderr
     assert "grouprank export-hf: unexpected" in quiet.stderr
-    loud = _grouprank("-v", "export-hf", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "out")
+    loud = _grouprank("-v", *args)
     assert loud.returncode == 1 and "Traceback" in loud.stderr
 
 
