@@ -17,7 +17,7 @@ import jax
 
 from grouprank_jax.data.records import iter_records
 from grouprank_jax.parallel.distributed import agree_max
-from grouprank_jax.weights.loading import rebuild_with_config
+from grouprank_jax.weights.loading import SHAPE_FIELDS, rebuild_with_config
 from grouprank_jax.weights.orbax_io import CONFIG_FILE, save_params
 
 log = logging.getLogger(__name__)
@@ -51,22 +51,7 @@ class RunDir:
 
 # ModelConfig fields that decide what a checkpoint holds (shapes, adapters, parameter math);
 # the others (compute dtype, attention kernel, remat, chunk sizes) may change between resumes.
-WEIGHT_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "intermediate_size",
-    "rope_theta",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-    "param_dtype",
-    "lora_rank",
-    "lora_alpha",
-    "lora_targets",
-)
+WEIGHT_FIELDS = (*SHAPE_FIELDS, "rope_theta", "rms_norm_eps", "param_dtype", "lora_rank", "lora_alpha", "lora_targets")
 
 
 def check_model_config(model_cfg, run_dir: RunDir) -> None:
