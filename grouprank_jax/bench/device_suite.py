@@ -8,8 +8,14 @@ sections so partial results always come back):
 1. device copy bandwidth (the decode roofline's denominator);
 2. a Qwen2.5-7B-shaped bf16 forward of one 24k-token sequence with the fused kernel (cuDNN on
    NVIDIA) vs the pure-JAX chunked kernel: time and max |difference| of the final hidden states;
-3. sampler prefill/decode tokens/s with the fraction of the memory-bandwidth bound;
-4. SFT train step time, tokens/s and MFU (bf16 compute, fp32 master weights).
+3. shared-prefix decode at the paper's prompt length (issue 14): one 24k-token prompt x 8
+   rollouts against the same 8 rows passed as 8 prompts, decode tokens/s and the fraction of the
+   bandwidth bound of each;
+4. the GRPO update, shared prompt forward vs per-rollout, LoRA at long prompts: step time, MFU
+   counted on the tokens each layout computes;
+5. sampler prefill/decode tokens/s with the fraction of the memory-bandwidth bound;
+6. SFT train step time, tokens/s and MFU (bf16 compute, fp32 master weights).
+``--sections a,b`` runs a subset (a rerun of the ones that failed).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from grouprank_jax.bench import grpo_update as bench_grpo
 from grouprank_jax.bench import sampling as bench_sampling
 from grouprank_jax.bench import train as bench_train
 from grouprank_jax.config import model_preset
@@ -115,6 +122,59 @@ def sampling(preset: str, batches, prompt_len: int, new_tokens: int, bandwidth: 
     return rows
 
 
+def shared_prefix_long(preset: str, prompt_len: int, n: int, new_tokens: int, bandwidth: float | None) -> list[dict]:
+    """One prompt x n rollouts (one prompt KV) against the same n rows as n prompts (n KV copies):
+    greedy, every row decodes ``new_tokens``; the second call of each is timed."""
+    cfg = model_preset(preset, dtype="bfloat16", param_dtype="bfloat16")
+    model = create_model(cfg)
+    weight_bytes = cfg.num_params * 2
+    prompt = np.random.default_rng(0).integers(0, 150000, prompt_len).tolist()
+    rows, tokens = [], {}
+    for layout, batch, k in (("shared", [prompt], n), ("separate", [prompt] * n, 1)):
+        sampler = Sampler(model, max_prompt_len=prompt_len, max_new_tokens=new_tokens)
+        params = SamplingParams(temperature=0.0, n=k, max_new_tokens=new_tokens, ignore_eos=True)
+        sampler.generate(batch, params)  # compile
+        out = sampler.generate(batch, params)
+        s = out.stats
+        step_s = s.decode_seconds / max(s.decode_steps - 1, 1)  # step 0 samples from the prefill
+        step_bytes = bench_sampling.decode_bytes_per_step(
+            cfg, weight_bytes, len(batch), k, s.prompt_bucket, new_tokens, sampler.shared_prefix
+        )
+        tokens[layout] = np.asarray(out.tokens)
+        rows.append(
+            {
+                "layout": layout,
+                "preset": preset,
+                "prompts": len(batch),
+                "n": k,
+                "prompt_len": prompt_len,
+                "new_tokens": new_tokens,
+                "prefill_s": s.prefill_seconds,
+                "decode_s": s.decode_seconds,
+                "decode_tok_s": s.generated_tokens / s.decode_seconds,
+                "decode_step_ms": 1e3 * step_s,
+                "step_read_gb": step_bytes / 1e9,
+                "bandwidth_fraction": None if bandwidth is None else step_bytes / step_s / bandwidth,
+            }
+        )
+        print(rows[-1], flush=True)
+        del sampler, out
+        gc.collect()
+    rows[1]["time_vs_shared"] = rows[1]["decode_s"] / rows[0]["decode_s"]
+    # bf16 on a GPU: the two layouts' attention reductions may round differently, so a greedy
+    # tie can flip; record agreement rather than fail the suite.
+    rows[0]["tokens_identical"] = bool(np.array_equal(tokens["shared"], tokens["separate"]))
+    rows[0]["tokens_agree_fraction"] = float(np.mean(tokens["shared"] == tokens["separate"]))
+    return rows
+
+
+def grpo_update(preset: str, prompts: int, rollouts: int, prompt_len: int, response_len: int, lora: int) -> list:
+    argv = ["--preset", preset, "--dtype", "bfloat16", "--lora", str(lora), "--remat", "full", "--repeats", "2"]
+    argv += ["--prompts", str(prompts), "--rollouts", str(rollouts)]
+    argv += ["--prompt-len", str(prompt_len), "--response-len", str(response_len)]
+    return bench_grpo.run_bench(bench_grpo.build_parser().parse_args(argv))
+
+
 def train(preset: str, batch: int, seq: int, lora: int, remat: str) -> dict:
     args = bench_train.build_parser().parse_args(
         [
@@ -144,6 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--deadline-s", type=float, default=520.0)
+    p.add_argument("--sections", help="comma-separated section names to run (default: all)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     results: dict = {
@@ -155,6 +216,34 @@ def main(argv=None) -> int:
     small = args.smoke
     plan = [
         ("bandwidth", lambda: {"read_bytes_per_s": bench_sampling.read_bandwidth(64 if small else 2048)}),
+        (
+            "shared_prefix_7b_24k",
+            lambda: shared_prefix_long(
+                "tiny" if small else "qwen2.5-7b", 256 if small else 24576, 8, 16 if small else 128, bw()
+            ),
+        ),
+        (
+            "grpo_update_1.5b_lora",
+            lambda: grpo_update(
+                "tiny" if small else "qwen2.5-1.5b", 1, 8, 128 if small else 8192, 16 if small else 1024, 32
+            ),
+        ),
+        (
+            "sampling_1.5b",
+            lambda: sampling(
+                "tiny" if small else "qwen2.5-1.5b",
+                [8] if small else [1, 8],
+                128 if small else 1024,
+                16 if small else 128,
+                bw(),
+            ),
+        ),
+        (
+            "grpo_update_7b_lora",
+            lambda: grpo_update(
+                "tiny" if small else "qwen2.5-7b", 1, 8, 128 if small else 8192, 16 if small else 1024, 32
+            ),
+        ),
         ("attention_24k", lambda: attention_24k("tiny" if small else "qwen2.5-7b", 1024 if small else 24576)),
         (
             "sampling_7b",
@@ -171,16 +260,6 @@ def main(argv=None) -> int:
             lambda: train("tiny" if small else "qwen2.5-1.5b", 2 if small else 8, 128 if small else 2048, 0, "full"),
         ),
         (
-            "sampling_1.5b",
-            lambda: sampling(
-                "tiny" if small else "qwen2.5-1.5b",
-                [8] if small else [1, 8, 32],
-                128 if small else 1024,
-                16 if small else 128,
-                bw(),
-            ),
-        ),
-        (
             "train_7b_lora",
             lambda: train("tiny" if small else "qwen2.5-7b", 2 if small else 4, 128 if small else 2048, 32, "full"),
         ),
@@ -191,7 +270,13 @@ def main(argv=None) -> int:
         # measurement leaves the fractions out rather than dividing by a guessed number.
         return (results["sections"].get("bandwidth", {}).get("result") or {}).get("read_bytes_per_s")
 
+    wanted = set(args.sections.split(",")) if args.sections else {name for name, _ in plan}
+    unknown = wanted - {name for name, _ in plan}
+    if unknown:
+        p.error(f"unknown section(s) {sorted(unknown)}; choose from {[name for name, _ in plan]}")
     for name, fn in plan:
+        if name not in wanted:
+            continue
         if time.perf_counter() - start > args.deadline_s:
             results["sections"][name] = {"skipped": "deadline"}
             continue

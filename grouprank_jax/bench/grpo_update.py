@@ -7,10 +7,13 @@ weights and the same rollout batch, in two layouts (``GRPOConfig.shared_prefix``
 - ``shared``: each prompt's forward once, its G responses over that KV (P + G*C tokens/prompt);
 - ``per_rollout``: every rollout row runs its whole prompt + response (G*(P + C) tokens/prompt).
 Default shape (the issue's): 2 prompts x G = 8, prompt 1,024, response 64, a 4-layer width-256
-model with the real 151,936 vocabulary, fp32, full fine-tuning. Each update is compiled, run
-once to warm up, then timed over ``--repeats`` calls; the compiled program's
-``memory_analysis()`` gives its temporaries. The two updates' losses and gradient norms must
-agree (1e-4 relative), or the benchmark fails.
+model with the real 151,936 vocabulary, fp32, full fine-tuning; ``--preset qwen2.5-1.5b --dtype
+bfloat16 --lora 32 --remat full`` runs a real shape instead (fp32 master weights, bf16 compute),
+and on a chip with a known peak the rows carry MFU counted on the tokens each layout computes.
+Each update is compiled, run once to warm up, then timed over ``--repeats`` calls; the compiled
+program's ``memory_analysis()`` gives its temporaries. The two updates' losses and gradient
+norms must agree (1e-4 relative in fp32, 2e-2 in bf16, where the two layouts round differently),
+or the benchmark fails.
 
 ``--compare-trl N``: besides, one whole GRPO step (sample G rollouts of ``--response-len``
 tokens for one prompt, then the update) of ours against TRL 1.16's ``GRPOTrainer`` (PyTorch,
@@ -31,11 +34,14 @@ import jax
 import numpy as np
 
 from grouprank_jax.bench.shapes import add_shape_args, model_from_shape_args
-from grouprank_jax.preflight.flops import shared_prefix_training_flops, training_flops
+from grouprank_jax.config import model_preset
+from grouprank_jax.models import create_model
+from grouprank_jax.preflight.flops import mfu, shared_prefix_training_flops, training_flops
 from grouprank_jax.rl.config import GRPOConfig
 from grouprank_jax.rl.losses import loss_kwargs
-from grouprank_jax.rl.step import completion_logprobs, make_grpo_update
+from grouprank_jax.rl.step import make_grpo_update, make_logprob_fn
 from grouprank_jax.training.state import init_train_state, make_optimizer
+from grouprank_jax.weights.loading import with_lora
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--response-len", type=int, default=64)
     add_shape_args(p, layers=4, kv_heads=2)
+    p.add_argument("--preset", help="a model preset instead of the shape arguments (e.g. qwen2.5-1.5b)")
+    p.add_argument("--dtype", default="float32", help="compute dtype with --preset (master weights stay fp32)")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    p.add_argument("--remat", default="none", choices=["none", "full", "dots_saveable"], help="with --preset")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compare-trl", type=int, default=0, metavar="STEPS", help="also time TRL's GRPOTrainer")
     p.add_argument("--out", help="write the results as JSON here")
@@ -64,22 +74,33 @@ def rollout_batch(rng, prompts: int, rollouts: int, prompt_len: int, response_le
     }
 
 
+def _model(args: argparse.Namespace):
+    if not args.preset:
+        model = model_from_shape_args(args)
+    else:
+        cfg = model_preset(args.preset, dtype=args.dtype, param_dtype="float32", remat=args.remat)
+        model = create_model(cfg, seed=0)
+    if args.lora:
+        model = with_lora(model, args.lora, 2.0 * args.lora, model.cfg.lora_targets, None, 0)
+    return model
+
+
 def run_bench(args: argparse.Namespace) -> list[dict]:
-    model = model_from_shape_args(args)
-    cfg = model.cfg
+    model = _model(args)
+    cfg, lora = model.cfg, bool(args.lora)
     G, P, C = args.rollouts, args.prompt_len, args.response_len
     rows = rollout_batch(np.random.default_rng(0), args.prompts, G, P, C, cfg.vocab_size)
     tx = make_optimizer(1e-5, 100)
-    state = init_train_state(model, tx, lora=False)
-    old, _ = completion_logprobs(
-        state.trainable, state.frozen, state.graphdef, rows["seq_ids"], rows["seq_mask"], P, cfg.loss_chunk_size
+    state = init_train_state(model, tx, lora=lora)
+    old = make_logprob_fn(state.graphdef, P, cfg.loss_chunk_size, use_lora=lora, rollouts=G)(
+        state.trainable, state.frozen, rows["seq_ids"], rows["seq_mask"]
     )
     batch = {**rows, "old_logp": old, "ref_logp": old}
     # Both layouts run the LM head on the completion positions only (completion_logprobs).
     completions = args.prompts * G * C
     layouts = {
-        "shared": (G, shared_prefix_training_flops(cfg, args.prompts, G, P, C, head_tokens=completions)),
-        "per_rollout": (None, training_flops(cfg, args.prompts * G, P + C, head_tokens=completions)),
+        "shared": (G, shared_prefix_training_flops(cfg, args.prompts, G, P, C, lora, head_tokens=completions)),
+        "per_rollout": (None, training_flops(cfg, args.prompts * G, P + C, lora, head_tokens=completions)),
     }
     results = []
     for name, (rollouts, flops) in layouts.items():
@@ -93,6 +114,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         for _ in range(args.repeats):
             _, _, metrics = jax.block_until_ready(compiled(state.trainable, state.frozen, state.opt_state, batch))
         seconds = (time.perf_counter() - start) / args.repeats
+        device = str(jax.devices()[0].device_kind)
         tokens = args.prompts * (P + G * C) if rollouts else args.prompts * G * (P + C)
         results.append(
             {
@@ -106,14 +128,21 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
                 "argument_mb": memory.argument_size_in_bytes / 1e6,
                 "loss": float(metrics["loss"]),
                 "grad_norm": float(metrics["grad_norm"]),
+                "model": args.preset or f"{cfg.num_layers}x{cfg.hidden_size}",
+                "dtype": cfg.dtype,
+                "lora_rank": args.lora,
+                "mfu": mfu(flops, seconds, 1, device),  # None where the chip's peak is unknown (CPU)
             }
         )
+        print({k: results[-1][k] for k in ("layout", "tokens_computed", "seconds_per_update", "mfu")}, flush=True)
     shared, oracle = results
     for r in results:
         r["time_vs_shared"] = r["seconds_per_update"] / shared["seconds_per_update"]
         r["temp_vs_shared"] = r["temp_mb"] / shared["temp_mb"]
+    tolerance = 1e-4 if cfg.dtype == "float32" else 2e-2
     for key in ("loss", "grad_norm"):
-        if abs(shared[key] - oracle[key]) > 1e-4 * max(abs(oracle[key]), 1e-6):
+        shared[f"{key}_rel_diff"] = abs(shared[key] - oracle[key]) / max(abs(oracle[key]), 1e-6)
+        if shared[f"{key}_rel_diff"] > tolerance:
             raise AssertionError(f"shared {key} {shared[key]} != per-rollout {oracle[key]}")
     return results
 
@@ -129,7 +158,6 @@ def compare_trl(args: argparse.Namespace) -> list[dict]:
     from trl import GRPOTrainer
 
     from grouprank_jax.rl.rollout import assemble_rows
-    from grouprank_jax.rl.step import make_logprob_fn
     from grouprank_jax.sampling import Sampler, SamplingParams
     from grouprank_jax.tokenizer import load_tokenizer
     from grouprank_jax.weights.hf_io import save_hf
@@ -215,7 +243,7 @@ def compare_trl(args: argparse.Namespace) -> list[dict]:
 
 def _print_table(results: list[dict]) -> None:
     cols = ["layout", "rows", "tokens_computed", "seconds_per_update", "time_vs_shared", "temp_mb", "temp_vs_shared"]
-    cols += ["achieved_gflop_per_s", "loss", "grad_norm"]
+    cols += ["achieved_gflop_per_s", "loss", "grad_norm"] + (["mfu"] if results[0]["mfu"] is not None else [])
     print(" | ".join(cols))
     for r in results:
         print(" | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
