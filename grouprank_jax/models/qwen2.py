@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from grouprank_jax.config import ModelConfig
 from grouprank_jax.models.attention import attend, shared_prefix_decode_attention
 from grouprank_jax.models.kv_cache import KVCache, PrefixKV
-from grouprank_jax.models.prefix_attention import shared_prefix_attention
+from grouprank_jax.models.prefix_attention import prefix_attention_fused, shared_prefix_attention
 from grouprank_jax.models.projection import Projection, normal_param
 from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, Rules, shard, use_mesh
 
@@ -129,6 +129,7 @@ class Attention(nnx.Module):
                 inputs.kv_valid,
                 cfg.attention_block_size,
                 cfg.attention_block_size,
+                fused=prefix_attention_fused(cfg.attention_impl),
             )
         elif not decode:
             # Full-sequence attention (training, scoring, prefill).

@@ -120,10 +120,13 @@ def test_attention_with_lse_values_and_gradients_equal_full_softmax(t, s, q_bloc
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_shared_prefix_attention_equals_softmax_over_each_rows_prompt_copy():
+@pytest.mark.parametrize("fused", [None, "xla"])
+def test_shared_prefix_attention_equals_softmax_over_each_rows_prompt_copy(fused):
     """Whole responses of G rollouts over one prompt KV (+ causal self) = softmax attention of
     each row over its own [prompt copy, response], values and gradients (the prompt's gradient
-    is the sum over its rollouts)."""
+    is the sum over its rollouts). ``fused="xla"`` is the GPU path's construction (repeated
+    prompt KV + mask through ``jax.nn.dot_product_attention``) with XLA's kernel instead of
+    cuDNN's, which exists only on a GPU."""
     rng = np.random.default_rng(7)
     b, g, n, kv_heads, h, p, c = 2, 3, 4, 2, 8, 11, 6
     r = b * g
@@ -137,7 +140,7 @@ def test_shared_prefix_attention_equals_softmax_over_each_rows_prompt_copy():
     w = normal(r, c, n, h)
 
     def shared(q, k, v, pk, pv):
-        return shared_prefix_attention(q, k, v, pk, pv, prefix_valid, suffix_valid, 4, 4)
+        return shared_prefix_attention(q, k, v, pk, pv, prefix_valid, suffix_valid, 4, 4, fused=fused)
 
     def copies(q, k, v, pk, pv):
         keys = jnp.concatenate([jnp.repeat(pk, g, axis=0), k], axis=1)
@@ -153,6 +156,18 @@ def test_shared_prefix_attention_equals_softmax_over_each_rows_prompt_copy():
         jax.grad(loss(shared), argnums=range(5))(*args), jax.grad(loss(copies), argnums=range(5))(*args)
     ):
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_shared_prefix_update_takes_cudnn_where_full_attention_does(monkeypatch):
+    """The policy update's response attention follows ``attention_impl``: cuDNN over prompt
+    copies on a GPU (auto or cudnn), the blockwise kernel elsewhere or when chunked is asked."""
+    from grouprank_jax.models import prefix_attention
+
+    assert prefix_attention.prefix_attention_fused("auto") is None  # this CPU
+    monkeypatch.setattr(prefix_attention, "mesh_platform", lambda mesh: "gpu")
+    assert prefix_attention.prefix_attention_fused("auto") == "cudnn"
+    assert prefix_attention.prefix_attention_fused("cudnn") == "cudnn"
+    assert prefix_attention.prefix_attention_fused("chunked") is None
 
 
 def _forward_temp_bytes(impl, t):
