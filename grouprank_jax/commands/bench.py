@@ -9,6 +9,7 @@ over processes, process 0 prints global and per-chip throughput.
 from __future__ import annotations
 
 import importlib
+import sys
 
 from grouprank_jax.parallel.distributed import initialize_distributed
 
@@ -36,6 +37,14 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    initialize_distributed()  # a no-op unless launched as several processes (launch/*.sh, SLURM, TPU pod)
+    bench_args = list(args.bench_args)
+    if not {"-h", "--help"} & set(bench_args):  # help needs no devices (and prints no device line)
+        initialize_distributed()  # a no-op unless launched as several processes (launch/*.sh, SLURM, TPU pod)
     # The module of the chosen benchmark only: each imports its own model stack.
-    return int(importlib.import_module(MODULES[args.which]).main(list(args.bench_args)) or 0)
+    module = importlib.import_module(MODULES[args.which])
+    # argparse names a parser after sys.argv[0]: each benchmark's usage line then reads as typed
+    program, sys.argv[0] = sys.argv[0], f"grouprank bench {args.which}"
+    try:
+        return int(module.main(bench_args) or 0)
+    finally:
+        sys.argv[0] = program

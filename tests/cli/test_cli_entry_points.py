@@ -152,6 +152,16 @@ def test_bench_train_cli_writes_json(tmp_path, capsys):
     assert "tokens_per_s" in capsys.readouterr().out
 
 
+def test_bench_help_names_the_benchmark(capsys):
+    """``grouprank bench NAME --help`` prints NAME's arguments under its full command name."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "grpo-update", "--help"])
+    assert exit_info.value.code == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: grouprank bench grpo-update ") and "--response-len" in captured.out
+    assert "devices" not in captured.err  # no device set-up for a help page
+
+
 def test_bench_shared_prefix_cli_checks_identical_outputs(tmp_path, capsys):
     out = tmp_path / "shared.json"
     args = ["--prompts", "2", "--n", "3", "--prompt-len", "64", "--new-tokens", "4", "--layers", "1"]
