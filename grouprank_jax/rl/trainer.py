@@ -197,7 +197,8 @@ def train_grpo(
         state, update_metrics = _run_updates(updates[P], state, device_rows, grpo, G)
         computed = computed_tokens(rows["seq_mask"], P, G if grpo.shared_prefix else None)
         train_tokens = global_sum(float(computed) * grpo.updates_per_rollout_batch)
-        return state, _step_metrics(scored, out, update_metrics, time.perf_counter() - t0, t_sample, train_tokens)
+        step_time = time.perf_counter() - t0
+        return state, _step_metrics(scored, out, update_metrics, step_time, t_sample, train_tokens, G)
 
     return train_loop(
         "grpo",
@@ -276,9 +277,12 @@ def _run_updates(update_fn, state, rows: dict, grpo, G: int):
     return dataclasses.replace(state, trainable=trainable, opt_state=opt_state), out
 
 
-def _step_metrics(scored: dict, out, update: dict, step_time: float, sample_time: float, train_tokens: float) -> dict:
+def _step_metrics(
+    scored: dict, out, update: dict, step_time: float, sample_time: float, train_tokens: float, rollouts: int
+) -> dict:
     """Step metrics over every process's rollouts (per-rollout values are gathered first, so a
-    std is the global std, not a mean of per-process stds)."""
+    std is the global std, not a mean of per-process stds). Rows are prompt-major with a
+    prompt's ``rollouts`` rows on one process, so the gathered rows regroup by prompt."""
     keys = ("reward", "ndcg", "recall", "alignment", "rewarded")
     gathered = {k: gather_rows(np.asarray(scored[k], np.float32)) for k in keys}
     # Ranking metrics average the rollouts that earned the group reward (a penalised answer's
@@ -291,6 +295,8 @@ def _step_metrics(scored: dict, out, update: dict, step_time: float, sample_time
     metrics = {
         "reward_mean": float(reward.mean()),
         "reward_std": float(reward.std()),
+        # TRL's metric: groups whose G rewards are all equal have zero advantage (no signal)
+        "frac_reward_zero_std": float(np.mean(np.isclose(reward.reshape(-1, rollouts).std(axis=1), 0.0))),
         "format_valid_rate": float(rewarded.mean()),  # tags, JSON and >= 1 scored document
         "rollout_ndcg@10": over_rewarded("ndcg"),
         "rollout_recall@10": over_rewarded("recall"),

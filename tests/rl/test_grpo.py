@@ -247,11 +247,28 @@ def test_step_metrics_average_ranking_over_rewarded_rollouts():
     np.testing.assert_allclose(scored["reward"][:3], [-0.5, -0.1, -0.5])
     assert scored["ndcg"][2] == pytest.approx(1.0)  # what the old mean counted in
     out = types.SimpleNamespace(lengths=np.full(4, 5, np.int32))
-    metrics = _step_metrics(scored, out, {}, step_time=2.0, sample_time=1.0, train_tokens=10.0)
+    metrics = _step_metrics(scored, out, {}, step_time=2.0, sample_time=1.0, train_tokens=10.0, rollouts=4)
     assert metrics["format_valid_rate"] == 0.25
     for key in ("rollout_ndcg@10", "rollout_recall@10", "alignment"):
         assert metrics[key] == pytest.approx(float(scored[key.split("@")[0].replace("rollout_", "")][3])), key
     assert metrics["reward_mean"] == pytest.approx(float(np.mean(scored["reward"])))
+
+
+def test_frac_reward_zero_std_counts_groups_without_a_learning_signal():
+    """TRL's ``frac_reward_zero_std``: the share of prompts whose G rewards are all equal (their
+    advantages are 0), over prompt-major rows."""
+    import types
+
+    from grouprank_jax.rl.trainer import _step_metrics
+
+    reward = np.array([-0.5, -0.5, -0.5, 0.2, 0.9, 0.2, 0.7, 0.7, 0.7], np.float32)  # 3 prompts x G=3
+    zeros = np.zeros_like(reward)
+    scored = {"reward": reward, "ndcg": zeros, "recall": zeros, "alignment": zeros, "rewarded": zeros}
+    out = types.SimpleNamespace(lengths=np.full(9, 5, np.int32))
+    metrics = _step_metrics(scored, out, {}, step_time=2.0, sample_time=1.0, train_tokens=10.0, rollouts=3)
+    assert metrics["frac_reward_zero_std"] == pytest.approx(2 / 3)
+    metrics = _step_metrics(scored, out, {}, step_time=2.0, sample_time=1.0, train_tokens=10.0, rollouts=9)
+    assert metrics["frac_reward_zero_std"] == 0.0
 
 
 def test_training_tokens_count_a_shared_prompt_once():
