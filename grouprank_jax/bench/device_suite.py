@@ -165,6 +165,9 @@ def shared_prefix_long(preset: str, prompt_len: int, n: int, new_tokens: int, ba
     # tie can flip; record agreement rather than fail the suite.
     rows[0]["tokens_identical"] = bool(np.array_equal(tokens["shared"], tokens["separate"]))
     rows[0]["tokens_agree_fraction"] = float(np.mean(tokens["shared"] == tokens["separate"]))
+    for row in rows:  # every row decodes the same prompt: within a layout they must all agree
+        same = tokens[row["layout"]]
+        row["rows_identical_within_layout"] = bool((same == same[:1]).all())
     return rows
 
 

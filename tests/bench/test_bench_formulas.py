@@ -1,6 +1,8 @@
 """The derived numbers benchmarks print: bytes a decode step must read, the roofline's measured
 denominator reaching the device suite, FLOPs of the GRPO update."""
 
+import json
+
 from grouprank_jax.bench import device_suite
 from grouprank_jax.bench import sampling as bench_sampling
 from grouprank_jax.config import model_preset
@@ -24,14 +26,34 @@ def test_decode_bytes_per_step_counts_what_each_layout_reads():
 
 def test_the_device_suite_divides_by_the_bandwidth_it_measured(tmp_path, monkeypatch):
     """The sampling sections got a hard-wired 4.3 TB/s: the lookup missed the stored section's
-    {"result": ...} wrapper. Test doubles: the heavy sections are stubbed, the measurement fixed."""
+    {"result": ...} wrapper. Test doubles: the heavy sections are stubbed, the measurement fixed;
+    ``--sections`` runs only the sections named."""
     got = []
     monkeypatch.setattr(bench_sampling, "read_bandwidth", lambda megabytes: 1.234e12)
     monkeypatch.setattr(device_suite, "sampling", lambda *a: got.append(a[-1]) or [])
-    monkeypatch.setattr(device_suite, "attention_24k", lambda *a: {})
-    monkeypatch.setattr(device_suite, "train", lambda *a: {})
-    assert device_suite.main(["--out", str(tmp_path / "suite.json"), "--smoke"]) == 0
-    assert got == [1.234e12, 1.234e12]
+    monkeypatch.setattr(device_suite, "shared_prefix_long", lambda *a: got.append(a[-1]) or [])
+    sections = ["bandwidth", "shared_prefix_7b_24k", "sampling_1.5b", "sampling_7b"]
+    out = tmp_path / "suite.json"
+    assert device_suite.main(["--out", str(out), "--smoke", "--sections", ",".join(sections)]) == 0
+    assert got == [1.234e12] * 3
+    assert sorted(json.loads(out.read_text())["sections"]) == sorted(sections)
+
+
+def test_the_device_suites_shared_prefix_sections_run_at_smoke_size(tmp_path):
+    """What a lent GPU would run for issue 14, on CPU at tiny shapes, so that no device time is
+    lost to a crash: shared-prefix decode (both layouts token-identical in fp32 here) and the
+    GRPO update in both layouts (losses agree)."""
+    out = tmp_path / "suite.json"
+    sections = "bandwidth,shared_prefix_7b_24k,grpo_update_1.5b_lora"
+    assert device_suite.main(["--out", str(out), "--smoke", "--sections", sections]) == 0
+    results = {k: v["result"] for k, v in json.loads(out.read_text())["sections"].items()}
+    shared, separate = results["shared_prefix_7b_24k"]
+    assert (shared["n"], separate["prompts"]) == (8, 8) and shared["tokens_identical"]
+    assert shared["rows_identical_within_layout"] and separate["rows_identical_within_layout"]
+    assert shared["bandwidth_fraction"] > 0 and separate["step_read_gb"] > shared["step_read_gb"]
+    update = {r["layout"]: r for r in results["grpo_update_1.5b_lora"]}
+    assert update["shared"]["tokens_computed"] < update["per_rollout"]["tokens_computed"]
+    assert update["shared"]["loss_rel_diff"] < 2e-2 and update["shared"]["lora_rank"] == 32
 
 
 def test_grpo_update_flops_charge_the_lm_head_on_completions_only():
