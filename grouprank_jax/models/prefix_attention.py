@@ -10,8 +10,10 @@ part of the update: measured on the H200 (Qwen2.5-1.5B LoRA, 1 prompt of 8,192 x
 1,024), the shared update took 2.07 s against 2.23 s per rollout, at 0.09 MFU. There the
 responses instead attend through the fused cuDNN kernel over ``[prompt copy, own response]``
 keys (``fused=``): the prompt's K/V are repeated G times inside the layer (a few hundred MB at
-the paper's lengths, transient under remat), the prompt's forward and backward still run once
-per prompt, and the repeat's backward sums the G rollouts' gradients into it.
+the paper's lengths, transient under remat) and visibility travels as a dense ``[R, 1, C, P+C]``
+mask (cuDNN takes left padding only as a mask, as in the full-sequence path, whose per-rollout
+mask is ``[R, 1, P+C, P+C]``); the prompt's forward and backward still run once per prompt, and
+the repeat's backward sums the G rollouts' gradients into it.
 """
 
 from __future__ import annotations
