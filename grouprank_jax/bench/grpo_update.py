@@ -102,7 +102,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         "shared": (G, shared_prefix_training_flops(cfg, args.prompts, G, P, C, lora, head_tokens=completions)),
         "per_rollout": (None, training_flops(cfg, args.prompts * G, P + C, lora, head_tokens=completions)),
     }
-    results = []
+    results, device = [], str(jax.devices()[0].device_kind)
     for name, (rollouts, flops) in layouts.items():
         update = make_grpo_update(
             state.graphdef, tx, loss_kwargs(GRPOConfig()), P, cfg.loss_chunk_size, donate=False, rollouts=rollouts
@@ -114,7 +114,6 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         for _ in range(args.repeats):
             _, _, metrics = jax.block_until_ready(compiled(state.trainable, state.frozen, state.opt_state, batch))
         seconds = (time.perf_counter() - start) / args.repeats
-        device = str(jax.devices()[0].device_kind)
         tokens = args.prompts * (P + G * C) if rollouts else args.prompts * G * (P + C)
         results.append(
             {

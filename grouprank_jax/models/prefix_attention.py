@@ -56,7 +56,7 @@ def shared_prefix_attention(
         raise ValueError(f"{r} response rows are not a multiple of {b} prompts")
     g = r // b
     if fused:
-        return _over_prompt_copies(q, k, v, prefix_k, prefix_v, prefix_valid, suffix_valid, fused)
+        return _over_prompt_copies(q, k, v, prefix_k, prefix_v, prefix_valid, suffix_valid, g, fused)
     q_prompt = q.reshape(b, g * c, n, h)  # rows are prompt-major, so this is a free reshape
     all_prompt = jnp.full((b, g * c), p, jnp.int32)  # query slot past every prompt slot: no causal cut
     out_p, lse_p = attention_with_lse(
@@ -75,10 +75,9 @@ def prefix_attention_fused(attention_impl: str) -> str | None:
     return "cudnn" if resolve_impl(attention_impl, False, mesh_platform(mesh)) == "cudnn" else None
 
 
-def _over_prompt_copies(q, k, v, prefix_k, prefix_v, prefix_valid, suffix_valid, implementation: str):
+def _over_prompt_copies(q, k, v, prefix_k, prefix_v, prefix_valid, suffix_valid, g: int, implementation: str):
     """One fused attention per row over ``[its prompt's keys, its own keys]``: [R, C, N, H]."""
     r, c = q.shape[:2]
-    g = r // prefix_k.shape[0]
     keys = jnp.concatenate([jnp.repeat(prefix_k, g, axis=0), k], axis=1)  # [R, P+C, K, H]
     values = jnp.concatenate([jnp.repeat(prefix_v, g, axis=0), v], axis=1)
     prompt_visible = jnp.broadcast_to(jnp.repeat(prefix_valid, g, axis=0)[:, None, :], (r, c, prefix_k.shape[1]))
