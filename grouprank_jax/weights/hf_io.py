@@ -177,7 +177,8 @@ def save_hf(
 
     The files are written into a sibling ``.NAME.partial`` directory that then replaces
     ``out_dir`` (other files already in ``out_dir`` move over): a kill mid-export leaves the
-    previous export whole, never new config beside old weights.
+    previous export whole, never new config beside old weights, and a kill during the swap is
+    finished or undone by the next export (``_recover``), so no file of ``out_dir`` is lost.
     """
 
     final = Path(out_dir).resolve()  # a symlinked out_dir: write beside (and into) its target
@@ -185,7 +186,8 @@ def save_hf(
     cfg = model.cfg
     writer = jax.process_index() == 0
     if writer:
-        shutil.rmtree(out_dir, ignore_errors=True)  # a previous export killed before its swap
+        _recover(final)
+        shutil.rmtree(out_dir, ignore_errors=True)  # a previous export killed before its swap: only its own files
         out_dir.mkdir(parents=True)
     store_dtype = jnp.dtype(dtype or cfg.param_dtype)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -255,21 +257,46 @@ def _shard_groups(sizes: list[int], max_shard_bytes: int) -> list[list[int]]:
     return groups
 
 
+def _old_dir(final: Path) -> Path:
+    return final.parent / f".{final.name}.old"
+
+
 def _publish(partial: Path, final: Path) -> None:
-    """Swap the finished ``partial`` export in for ``final``; files of ``final`` that this export
-    does not write (a README, ...) move over, stale weight shards do not."""
+    """Swap the finished ``partial`` export in for ``final`` with two renames, then move the files
+    of the previous ``final`` that this export does not write (a README, ...) over; stale weight
+    shards are not moved. ``partial`` never holds a file of the user's, so deleting it is always
+    safe; a kill at any point leaves a state ``_recover`` completes."""
+    if not final.exists():
+        partial.rename(final)
+        return
+    old = _old_dir(final)
+    final.rename(old)
+    partial.rename(final)  # killed before this: ``_recover`` renames ``old`` back
+    _adopt_user_files(old, final)
+
+
+def _adopt_user_files(old: Path, final: Path) -> None:
+    """Move what ``old`` (a previous export) has and ``final`` lacks into ``final``, then drop ``old``."""
+    for entry in old.iterdir():
+        stale = entry.name.startswith("model") and entry.name.endswith((".safetensors", ".safetensors.index.json"))
+        if not stale and not (final / entry.name).exists():
+            entry.rename(final / entry.name)
+    shutil.rmtree(old)
+
+
+def _recover(final: Path) -> None:
+    """Finish or undo a swap that a kill interrupted (see ``_publish``): with ``final`` gone, the
+    previous export in ``.NAME.old`` goes back in place; with both there, the new export was
+    published and the user's files still in ``.NAME.old`` move over."""
+    old = _old_dir(final)
+    if not old.exists():
+        return
     if final.exists():
-        for entry in final.iterdir():
-            stale = entry.name.startswith("model") and entry.name.endswith((".safetensors", ".safetensors.index.json"))
-            if not stale and not (partial / entry.name).exists():
-                entry.rename(partial / entry.name)
-        old = final.parent / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        partial.rename(final)
-        shutil.rmtree(old)
+        log.warning("%s: finishing an export that was interrupted after its swap", final)
+        _adopt_user_files(old, final)
     else:
-        partial.rename(final)
+        log.warning("%s: restoring the previous export (the last one was interrupted mid-swap)", final)
+        old.rename(final)
 
 
 def _save_tokenizer(tokenizer, out_dir: Path) -> None:

@@ -170,6 +170,60 @@ def test_killed_re_export_leaves_the_previous_export_whole(tmp_path, monkeypatch
     assert {p.name for p in tmp_path.iterdir()} == {"src", "dst"}  # no partial/old directories left
 
 
+class _Killed(BaseException):
+    """The process dies here: no ``except Exception`` and no cleanup of ours runs."""
+
+
+def test_a_kill_at_any_step_of_the_swap_loses_nothing(tmp_path, monkeypatch):
+    """A re-export killed at each filesystem step of publishing it (every rename and delete, in
+    turn): the next export completes, the user's own files in the directory survive, the new
+    weights are in place, and no hidden directory is left behind. Before the fix the user's
+    files were moved into ``.dst.partial`` first, which the next export deletes."""
+    import pathlib
+    import shutil
+
+    src = tmp_path / "src"
+    make_hf_model(src, tied=False)
+    model = load_hf(src)
+    real_rename, real_rmtree = pathlib.Path.rename, shutil.rmtree
+    kill_at, killed_once = 1, True
+    while killed_once:
+        root = tmp_path / f"kill_{kill_at}"
+        dst = root / "dst"
+        save_hf(model, dst, max_shard_bytes=100_000)  # the previous export: fp32, sharded
+        (dst / "README.md").write_text("my notes\n")
+        (dst / "eval.json").write_text("{}\n")
+        calls = {"n": 0, "kill_at": kill_at}
+
+        def counted(real, calls=calls):
+            def op(*args, **kwargs):
+                calls["n"] += 1
+                if calls["n"] == calls["kill_at"]:
+                    raise _Killed
+                return real(*args, **kwargs)
+
+            return op
+
+        monkeypatch.setattr(pathlib.Path, "rename", counted(real_rename))
+        monkeypatch.setattr(shutil, "rmtree", counted(real_rmtree))
+        try:
+            save_hf(model, dst, dtype="bfloat16")
+            killed_once = False  # every step has been killed once
+        except _Killed:
+            pass
+        monkeypatch.undo()
+
+        save_hf(model, dst, dtype="bfloat16")  # the rerun after the kill
+        names = {p.name for p in dst.iterdir()}
+        assert (dst / "README.md").read_text() == "my notes\n", (kill_at, names)
+        assert (dst / "eval.json").exists(), (kill_at, names)
+        assert "model.safetensors" in names and not any(n.startswith("model-0") for n in names), (kill_at, names)
+        assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
+        assert {p.name for p in root.iterdir()} == {"dst"}, kill_at  # no .partial / .old left
+        kill_at += 1
+    assert kill_at > 4  # the swap's steps were all reached (rmtree of .partial, 2 renames, moves)
+
+
 def test_export_into_a_symlinked_directory_writes_the_target(tmp_path):
     """``--out`` a symlink (e.g. to a bucket mount): the export used to rename the link itself,
     write a local directory in its place and then crash; the target stayed empty."""
