@@ -40,6 +40,7 @@ from grouprank_jax.rl.rollout import (
     assemble_rows,
     build_prompts,
     check_group_sizes,
+    check_prompt_budget,
     record_group,
     sample_group,
     score_rollouts,
@@ -51,7 +52,7 @@ from grouprank_jax.tokenizer import load_tokenizer
 from grouprank_jax.training.loop import TrainResult, train_loop
 from grouprank_jax.training.run_dir import RunDir, save_base_weights, stage_records
 from grouprank_jax.training.state import init_train_state, shard_batch
-from grouprank_jax.weights.loading import initial_model, resumed_lora_base, with_lora
+from grouprank_jax.weights.loading import initial_model, resumed_base, with_lora
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +99,17 @@ def train_grpo(
     if grpo.group_sampling == "as_written":
         check_group_sizes(records, grpo.group_size_max)
     load_template(cfg.prompt.preset)  # a bad preset fails here, not after the model is built
-    if model is None:
-        resumed = resumed_lora_base(run_dir.root, cfg.model, mesh) if grpo.lora_enabled else None
-        model = resumed or initial_model(cfg.init_from, cfg.model, mesh, seed=cfg.seed)
+    check_prompt_budget(records, tokenizer, cfg.prompt.preset, grpo.max_prompt_len, grpo.group_size_max)
     lora = grpo.lora_enabled
+    # The starting weights are kept in the run dir when they are the frozen LoRA base or the
+    # full fine-tuning KL reference: a resume must not re-read a changed init_from.
+    keep_base = lora or bool(grpo.kl_coef)
+    if model is None:
+        resumed = resumed_base(run_dir.root, cfg.model, mesh) if keep_base else None
+        model = resumed or initial_model(cfg.init_from, cfg.model, mesh, seed=cfg.seed)
     if lora:
         model = with_lora(model, grpo.lora_rank, grpo.lora_alpha, grpo.lora_targets, mesh, cfg.seed)
-    save_base_weights(model, run_dir)
+    save_base_weights(model, run_dir, keep_base=keep_base)
 
     prompts_per_process = grpo.global_batch_prompts // jax.process_count()
     total_steps = grpo_total_steps(grpo, len(records), max_steps)

@@ -25,7 +25,7 @@ from grouprank_jax.tokenizer import load_tokenizer
 from grouprank_jax.training.loop import TrainResult, train_loop
 from grouprank_jax.training.run_dir import RunDir, save_base_weights, stage_records
 from grouprank_jax.training.state import init_train_state, shard_batch
-from grouprank_jax.weights.loading import initial_model, resumed_lora_base, with_lora
+from grouprank_jax.weights.loading import initial_model, resumed_base, with_lora
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def train_sft(
             sft.truncation,
         )
     if model is None:
-        resumed = resumed_lora_base(run_dir.root, cfg.model, mesh) if sft.lora_rank > 0 else None
+        resumed = resumed_base(run_dir.root, cfg.model, mesh) if sft.lora_rank > 0 else None
         model = resumed or initial_model(cfg.init_from, cfg.model, mesh, seed=cfg.seed)
     lora = sft.lora_rank > 0
     if lora:

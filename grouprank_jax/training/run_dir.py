@@ -72,16 +72,21 @@ def check_model_config(model_cfg, run_dir: RunDir) -> None:
         )
 
 
-def save_base_weights(model, run_dir: RunDir) -> None:
-    """Write ``model_config.json`` and, for a LoRA run, the frozen full weights it adapts
-    (export merges the adapters into them; full fine-tuning checkpoints carry every weight).
+def save_base_weights(model, run_dir: RunDir, keep_base: bool | None = None) -> None:
+    """Write ``model_config.json`` and, once, the full weights the run starts from
+    (``base/params``): for a LoRA run (default) the frozen weights it adapts, which export merges
+    the adapters into; with ``keep_base`` also for full fine-tuning, where they are GRPO's KL
+    reference, so a resume uses that reference even if ``init_from`` has changed since.
     A run dir whose checkpoints hold another model is refused first (``check_model_config``)."""
     check_model_config(model.cfg, run_dir)
     run_dir.prepare()
+    keep_base = bool(model.cfg.lora_rank) if keep_base is None else keep_base
     # Every process must take the same branch (the save is collective): ask process 0 only.
     missing = int(jax.process_index() == 0 and not (run_dir.base / "params").exists())
-    if model.cfg.lora_rank and agree_max(missing):
-        base = rebuild_with_config(model, model.cfg.replace(lora_rank=0), model.mesh, 0)
+    if keep_base and agree_max(missing):
+        base = model  # without adapters the model is its own base: no on-device copy of a full model
+        if model.cfg.lora_rank:
+            base = rebuild_with_config(model, model.cfg.replace(lora_rank=0), model.mesh, 0)
         save_params(base, run_dir.base)
     if jax.process_index() == 0:
         (run_dir.root / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")

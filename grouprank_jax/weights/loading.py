@@ -136,11 +136,13 @@ def initial_model(init_from: str | None, model_cfg: ModelConfig, mesh: Mesh | No
     return rebuild_with_config(model, cfg, mesh, seed)
 
 
-def resumed_lora_base(run_dir: str | Path, model_cfg: ModelConfig, mesh: Mesh | None) -> Qwen2ForCausalLM | None:
-    """The frozen base a LoRA run started from (``base/params``, written at its first start),
-    when ``run_dir`` already holds checkpoints; None otherwise. A resume adapts this base, the one
-    export merges the adapters into, even if ``init_from`` has changed since (e.g. a run dir that
-    trained on). Numerics and kernels (``RUNTIME_FIELDS``) come from ``model_cfg``."""
+def resumed_base(run_dir: str | Path, model_cfg: ModelConfig, mesh: Mesh | None) -> Qwen2ForCausalLM | None:
+    """The full weights a run started from (``base/params``, written at its first start: a LoRA
+    run's frozen base, a full fine-tuning GRPO run's KL reference), when ``run_dir`` already holds
+    checkpoints; None otherwise. A resume starts from these, not from ``init_from``, which may
+    have changed since (e.g. a run dir that trained on, a re-converted HF directory): the adapters
+    go on the base export merges them into, and the KL term keeps its reference. Numerics and
+    kernels (``RUNTIME_FIELDS``) come from ``model_cfg``."""
     from grouprank_jax.parallel.distributed import agree_max
 
     run_dir = Path(run_dir)
@@ -149,7 +151,7 @@ def resumed_lora_base(run_dir: str | Path, model_cfg: ModelConfig, mesh: Mesh | 
     if not agree_max(int(jax.process_index() == 0 and found)):  # one answer on every process
         return None
     base = load_params(run_dir, mesh=mesh, params_dir=run_dir / "base" / "params", lora_rank=0)
-    log.info("resuming a LoRA run: its frozen base comes from %s", run_dir / "base" / "params")
+    log.info("resuming: the weights the run started from come from %s", run_dir / "base" / "params")
     return rebuild_with_config(base, base.cfg.replace(**{k: getattr(model_cfg, k) for k in RUNTIME_FIELDS}), mesh, 0)
 
 

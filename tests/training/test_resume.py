@@ -325,3 +325,33 @@ def test_a_run_dir_of_another_model_is_refused_before_its_model_config_is_touche
         save_base_weights(create_model(model_preset("tiny").replace(lora_rank=8), seed=0), run)
     assert (run.root / "model_config.json").read_text() == written
     save_base_weights(create_model(model_preset("tiny").replace(lora_rank=4, remat="full"), seed=0), run)
+
+
+def test_full_fine_tuning_grpo_resumes_against_the_kl_reference_it_started_with(tmp_path):
+    """Full fine-tuning GRPO (KL on) stopped after step 1, its ``init_from`` HF directory then
+    overwritten with other weights (a re-conversion, a moved symlink), resumed to step 2: the
+    result equals an uninterrupted 2-step run, because the reference comes from the run dir's
+    ``base/params`` written at the first start, not from ``init_from`` again."""
+    from grouprank_jax.config import model_preset
+    from grouprank_jax.models import create_model
+    from grouprank_jax.rl.trainer import train_grpo
+    from grouprank_jax.weights import save_hf
+
+    init = tmp_path / "init_hf"
+    save_hf(create_model(model_preset("tiny"), seed=1), init)
+    records = records_from_rows(ROWS, purpose="rl")
+
+    def cfg(name):
+        tree = _grpo_cfg(tmp_path / name)
+        tree["grpo"]["kl_coef"] = 0.5  # a reference that moves the update visibly
+        return run_config_from_dict({**tree, "init_from": str(init), "checkpoint": {**tree["checkpoint"], "keep": 2}})
+
+    straight = train_grpo(cfg("straight"), records=records, max_steps=2, progress=False)
+    train_grpo(cfg("resumed"), records=records, max_steps=2, stop_after=1, progress=False)
+    assert (tmp_path / "resumed" / "base" / "params").is_dir()
+    save_hf(create_model(model_preset("tiny"), seed=2), init)  # init_from now holds other weights
+    resumed = train_grpo(cfg("resumed"), records=records, max_steps=2, progress=False)
+    assert resumed.step == 2 and resumed.metrics[0]["step"] == 2
+    assert resumed.metrics[0]["grpo/kl"] == straight.metrics[1]["grpo/kl"]
+    for a, b in zip(_leaves(straight.model), _leaves(resumed.model)):
+        np.testing.assert_array_equal(a, b)
