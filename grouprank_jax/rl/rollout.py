@@ -13,7 +13,7 @@ import numpy as np
 
 from grouprank_jax.parallel.distributed import agree_max
 from grouprank_jax.task.parsing import parse_batch
-from grouprank_jax.task.prompts import load_template, render_prompt
+from grouprank_jax.task.prompts import build_messages, count_tokens, load_template, render_chat, render_prompt
 from grouprank_jax.task.reward import RewardConfig, compute_rewards
 
 STOP_STRING = "</answer>"  # the output format's last tag: nothing useful follows it
@@ -51,6 +51,31 @@ def check_group_sizes(records: Sequence[Mapping[str, Any]], max_size: int) -> No
                 f"over grpo.group_size_max={max_size}. With group_sampling: as_written each record is one "
                 "prompt's group; write groups with `grouprank synth`, raise group_size_max, or set "
                 "grpo.group_sampling: redraw to draw sub-groups per step"
+            )
+
+
+def check_prompt_budget(
+    records: Sequence[Mapping[str, Any]], tokenizer, preset: str, max_prompt_len: int, max_size: int
+) -> None:
+    """Refuse, before any compile, a record whose prompt cannot fit ``max_prompt_len`` even with
+    its documents cut to nothing (query + template + ids, at the largest group it can be drawn
+    with). ``render_prompt`` would raise the same mid-run, stopping a long run at the step that
+    first draws the record."""
+    template = load_template(preset)
+    seen: set[tuple[str, int]] = set()
+    for record in records:
+        size = min(len(record["documents"]), max_size)
+        if (record["query"], size) in seen:
+            continue
+        seen.add((record["query"], size))
+        docs, _ = _docs_and_gold(record)
+        empty = render_chat(tokenizer, build_messages(record["query"], docs[:size], template, 0))
+        need = count_tokens(tokenizer, empty)
+        if need > max_prompt_len:
+            raise ValueError(
+                f"{record.get('source') or '<record>'}: its prompt needs {need} tokens with empty documents "
+                f"(query + template + {size} ids) but grpo.max_prompt_len is {max_prompt_len}; raise "
+                "max_prompt_len, shorten the query, lower grpo.group_size_max or use the 'compact' template"
             )
 
 

@@ -225,6 +225,31 @@ def test_as_written_refuses_a_record_over_group_size_max(tmp_path):
     assert str(err.value).startswith(records[0]["source"])
 
 
+def test_a_record_whose_prompt_cannot_fit_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    """A query too long for grpo.max_prompt_len even with empty documents is named up front; it
+    used to raise mid-run, at the step that first drew it."""
+    import grouprank_jax.rl.trainer as trainer
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the records were checked")
+
+    monkeypatch.setattr(trainer, "initial_model", no_model)
+    cfg = run_config_from_dict(
+        {
+            "model": {"preset": "tiny"},
+            "prompt": {"preset": "compact"},
+            "grpo": {"max_prompt_len": 256},
+            "run_dir": str(tmp_path / "run"),
+        }
+    )
+    rows = [dict(r) for r in ROWS]
+    rows[1]["query"] = " ".join(f"word{i}" for i in range(300))  # ~600 tokens of query alone
+    records = records_from_rows(rows, purpose="rl")
+    with pytest.raises(ValueError, match=r"needs \d+ tokens with empty documents .* grpo.max_prompt_len is 256") as err:
+        trainer.train_grpo(cfg, records=records, max_steps=1, progress=False)
+    assert str(err.value).startswith(records[1]["source"])
+
+
 def test_step_metrics_average_ranking_over_rewarded_rollouts():
     """``format_valid_rate`` counts rollouts that earned the group reward, and rollout NDCG,
     Recall and alignment average only those: an empty ``{}`` answer (status 0 but -0.1) and
