@@ -27,6 +27,27 @@ def test_a_broken_prompt_template_names_file_and_line(tmp_path, name, text, expe
     assert is_user_error(err.value)
 
 
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        (b"model:\n  preset: tiny\nsft: 5\n", r"run.yaml: sft: expected a mapping of keys, got 5"),
+        (b"model: [tiny]\n", r"run.yaml: model: expected a mapping of keys"),
+        (b"model:\n  preset: nosuch\n", r"run.yaml: model.preset: unknown model preset 'nosuch'; known: \["),
+        # PyYAML keeps the last of two equal keys: the first section would vanish unseen
+        (b"sft:\n  epochs: 0\nsft:\n  epochs: 2\n", r"run.yaml: .*key 'sft' appears twice .*\(lines 1 and 3\)"),
+        (b"model:\n  preset: tiny\n# caf\xff\n", r"run.yaml:3: not UTF-8 text"),
+    ],
+)
+def test_a_malformed_run_config_names_the_file_and_the_key(tmp_path, body, expected):
+    from grouprank_jax.config.run import load_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_bytes(body)
+    with pytest.raises(ValueError, match=expected) as err:
+        load_run_config(path)
+    assert is_user_error(err.value)
+
+
 def test_a_broken_checkpoint_config_names_the_file(tmp_path):
     (tmp_path / "model_config.json").write_text('{"num_layers": 2,,}')
     with pytest.raises(ValueError, match=rf"{tmp_path / 'model_config.json'}:1: invalid JSON") as err:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ class RunConfig:
 
 
 def _model_from_dict(section: dict[str, Any] | None, where: str) -> ModelConfig:
+    if section is not None and not isinstance(section, Mapping):
+        raise ValueError(f"{where}: model: expected a mapping of keys, got {section!r} ({type(section).__name__})")
     section = dict(section or {})
     preset = section.pop("preset", None)
     allowed = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -106,7 +109,10 @@ def _model_from_dict(section: dict[str, Any] | None, where: str) -> ModelConfig:
             f"{where}: model.{per_stage[0]} is set per stage: use sft.{per_stage[0]} / grpo.{per_stage[0]} "
             "(grpo.lora_enabled switches RL's adapters)"
         )
-    base = model_preset(preset) if preset else ModelConfig()
+    try:
+        base = model_preset(preset) if preset else ModelConfig()
+    except KeyError as err:  # the preset's own message lists the known ones
+        raise ValueError(f"{where}: model.preset: {err.args[0]}") from None
     return base.replace(**values)
 
 

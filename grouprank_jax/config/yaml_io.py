@@ -43,13 +43,33 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                message = f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line})"
+                raise yaml.constructor.ConstructorError(None, None, message, key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
-    with open(path) as fh:
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    with open(path, encoding="utf-8") as fh:
         try:
-            tree = yaml.safe_load(fh) or {}
+            tree = yaml.load(fh, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: invalid YAML: {err}") from err
     if not isinstance(tree, dict):
@@ -59,6 +79,8 @@ def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict:
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
     """Build a (possibly nested) frozen dataclass from a dict, rejecting unknown keys."""
+    if data is not None and not isinstance(data, Mapping):
+        raise ValueError(f"{where or cls.__name__}: expected a mapping of keys, got {data!r} ({type(data).__name__})")
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
