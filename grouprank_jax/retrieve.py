@@ -31,7 +31,13 @@ def bm25_run(corpus: dict[str, str], queries: dict[str, str], top_k: int = 100, 
     docids = list(corpus)
     stem = _stemmer()
     retriever = bm25s.BM25(k1=k1, b=b)
-    retriever.index(bm25s.tokenize([corpus[d] for d in docids], stemmer=stem, show_progress=False), show_progress=False)
+    corpus_tokens = bm25s.tokenize([corpus[d] for d in docids], stemmer=stem, show_progress=False)
+    if not corpus_tokens.vocab:  # bm25s would fail inside with "max() arg is an empty sequence"
+        raise ValueError(
+            f"the corpus ({len(docids)} documents) holds no indexable word: every token is a stopword "
+            "or a single character"
+        )
+    retriever.index(corpus_tokens, show_progress=False)
     qids = list(queries)
     if not qids:
         return {}

@@ -90,6 +90,17 @@ def test_non_utf8_record_line_names_file_and_line(tmp_path):
         list(iter_records([path], purpose="sft"))
 
 
+def test_non_utf8_prompt_line_of_generate_names_file_and_line(tmp_path):
+    """``grouprank generate --prompts``: was an 'unexpected' UnicodeDecodeError (exit 1)."""
+    from grouprank_jax.commands.generate import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'{"prompt_ids": [1, 2]}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: not UTF-8 text") as err:
+        read_prompts(path, tokenizer=None)
+    assert is_user_error(err.value)
+
+
 @pytest.mark.parametrize(
     "hits, message",
     [

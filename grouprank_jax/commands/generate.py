@@ -16,6 +16,7 @@ from pathlib import Path
 import jinja2
 
 from grouprank_jax.commands import positive_int, seed_int
+from grouprank_jax.data.formats import text_lines
 from grouprank_jax.sampling import Sampler, SamplingParams
 from grouprank_jax.tokenizer import load_tokenizer
 from grouprank_jax.weights.loading import load_model
@@ -47,40 +48,37 @@ def read_prompts(path: str | Path, tokenizer, max_prompt_len: int | None = None)
     """(token-id prompts, their ``file:line``) from a JSONL file; a malformed line, or a prompt
     over ``max_prompt_len`` tokens, raises ValueError naming file:line (before any model loads)."""
     prompts, sources = [], []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
+    for lineno, line in text_lines(path):  # a non-UTF-8 byte is named with its line
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: invalid JSON ({err.msg})") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if isinstance(record.get("prompt_ids"), list) and all(isinstance(t, int) for t in record["prompt_ids"]):
+            ids = record["prompt_ids"]
+        elif isinstance(record.get("prompt"), str):
+            ids = tokenizer.encode(record["prompt"], add_special_tokens=False)
+        elif isinstance(record.get("messages"), list):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            if isinstance(record.get("prompt_ids"), list) and all(isinstance(t, int) for t in record["prompt_ids"]):
-                ids = record["prompt_ids"]
-            elif isinstance(record.get("prompt"), str):
-                ids = tokenizer.encode(record["prompt"], add_special_tokens=False)
-            elif isinstance(record.get("messages"), list):
-                try:
-                    text = tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
-                except (TypeError, KeyError, ValueError, jinja2.TemplateError) as err:
-                    # e.g. a message without "content" (UndefinedError) or with a role the
-                    # template refuses (its raise_exception: TemplateError)
-                    raise ValueError(f"{where}: cannot render 'messages' with the chat template ({err})") from err
-                ids = tokenizer.encode(text, add_special_tokens=False)
-            else:
-                raise ValueError(
-                    f'{where}: expected "prompt" (string), "messages" (list of {{role, content}}) '
-                    f'or "prompt_ids" (list of ints); got keys {sorted(record)}'
-                )
-            if not ids:
-                raise ValueError(f"{where}: the prompt is empty")
-            if max_prompt_len is not None and len(ids) > max_prompt_len:
-                raise ValueError(f"{where}: the prompt has {len(ids)} tokens, over --max-prompt-len {max_prompt_len}")
-            prompts.append(list(ids))
-            sources.append(where)
+                text = tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
+            except (TypeError, KeyError, ValueError, jinja2.TemplateError) as err:
+                # e.g. a message without "content" (UndefinedError) or with a role the
+                # template refuses (its raise_exception: TemplateError)
+                raise ValueError(f"{where}: cannot render 'messages' with the chat template ({err})") from err
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        else:
+            raise ValueError(
+                f'{where}: expected "prompt" (string), "messages" (list of {{role, content}}) '
+                f'or "prompt_ids" (list of ints); got keys {sorted(record)}'
+            )
+        if not ids:
+            raise ValueError(f"{where}: the prompt is empty")
+        if max_prompt_len is not None and len(ids) > max_prompt_len:
+            raise ValueError(f"{where}: the prompt has {len(ids)} tokens, over --max-prompt-len {max_prompt_len}")
+        prompts.append(list(ids))
+        sources.append(where)
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts, sources

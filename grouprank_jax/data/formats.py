@@ -17,6 +17,9 @@ from typing import IO
 
 Run = dict[str, dict[str, float]]
 Qrels = dict[str, dict[str, int]]
+# A first TSV qrels line whose third field is one of these is a header (BEIR: "query-id
+# corpus-id score"); any other non-integer relevance is an error, not a skipped judgment.
+QRELS_HEADER_NAMES = ("score", "relevance", "rel", "label", "grade")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +38,7 @@ def _open_text(path: Path) -> IO[str]:
     return open(path, encoding="utf-8-sig")
 
 
-def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
+def text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line without newline) for non-blank lines."""
     path = Path(path)
     try:
@@ -57,10 +60,31 @@ def _error(path, number: int, message: str) -> ValueError:
     return ValueError(f"{path}:{number}: {message}")
 
 
+def _put(table: dict, key, value, lines: dict, line_key, path, number: int, what: str) -> None:
+    """``table[key] = value``, refusing a key already read (naming both lines)."""
+    if key in table:
+        raise _error(path, number, f"{what} {key!r} again (first on line {lines[line_key]})")
+    table[key] = value
+    lines[line_key] = number
+
+
+def _id(value, path, number: int, what: str) -> str:
+    """An id as a string: a non-empty string or an integer, without whitespace (ids are
+    whitespace-separated fields of run and qrels files)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _error(path, number, f"{what} must be a string or an integer, got {value!r}")
+    text = str(value)
+    if not text or any(c.isspace() for c in text):
+        raise _error(path, number, f"{what} {text!r} is empty or holds whitespace (ids are fields of run files)")
+    return text
+
+
 def read_run(path: str | Path) -> Run:
-    """TREC run: ``qid Q0 docid rank score tag`` (whitespace separated)."""
+    """TREC run: ``qid Q0 docid rank score tag`` (whitespace separated); a document listed twice
+    for one query is an error (its later line would silently replace the earlier one)."""
     run: Run = {}
-    for number, line in _lines(path):
+    lines: dict = {}
+    for number, line in text_lines(path):
         fields = line.split()
         if len(fields) != 6:
             raise _error(path, number, f"a TREC run line has 6 fields (qid Q0 docid rank score tag), got {len(fields)}")
@@ -71,7 +95,7 @@ def read_run(path: str | Path) -> Run:
             raise _error(path, number, f"score {score!r} is not a number") from None
         if not math.isfinite(value):
             raise _error(path, number, f"score {score!r} is not finite")
-        run.setdefault(qid, {})[docid] = value
+        _put(run.setdefault(qid, {}), docid, value, lines, (qid, docid), path, number, f"query {qid!r}: document")
     return run
 
 
@@ -87,20 +111,22 @@ def write_run(run: Run, path: str | Path, tag: str = "grouprank") -> None:
 def read_qrels(path: str | Path) -> Qrels:
     """qrels ``qid 0 docid rel`` (TREC) or ``qid\\tdocid\\trel`` (BEIR TSV, header allowed)."""
     qrels: Qrels = {}
-    for number, line in _lines(path):
+    lines: dict = {}
+    for number, line in text_lines(path):
         fields = line.split()
         if len(fields) == 4:
             qid, _, docid, grade = fields
         elif len(fields) == 3:
             qid, docid, grade = fields
-            if number == 1 and not grade.lstrip("-").isdigit():
+            if number == 1 and grade.lower() in QRELS_HEADER_NAMES:
                 continue  # BEIR header "query-id corpus-id score"
         else:
             raise _error(path, number, f"a qrels line has 4 fields (qid 0 docid rel) or 3 (TSV), got {len(fields)}")
         try:
-            qrels.setdefault(qid, {})[docid] = int(grade)
+            value = int(grade)
         except ValueError:
             raise _error(path, number, f"relevance {grade!r} is not an integer") from None
+        _put(qrels.setdefault(qid, {}), docid, value, lines, (qid, docid), path, number, f"query {qid!r}: document")
     return qrels
 
 
@@ -112,7 +138,7 @@ def write_qrels(qrels: Qrels, path: str | Path) -> None:
 
 
 def _read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    for number, line in _lines(path):
+    for number, line in text_lines(path):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
@@ -124,33 +150,38 @@ def _read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 def read_beir_corpus(path: str | Path) -> dict[str, str]:
     """BEIR ``corpus.jsonl``: {"_id", "title", "text"}; the text is "title text" when titled."""
-    corpus = {}
+    corpus: dict[str, str] = {}
+    lines: dict = {}
     for number, record in _read_jsonl(path):
         if not isinstance(record.get("text", ""), str):
             raise _error(path, number, "'text' must be a string")
         title, text = record.get("title") or "", record.get("text") or ""
-        corpus[str(record["_id"])] = f"{title} {text}".strip() if title else text
+        docid = _id(record["_id"], path, number, "'_id'")
+        _put(corpus, docid, f"{title} {text}".strip() if title else text, lines, docid, path, number, "document")
     return corpus
 
 
 def read_beir_queries(path: str | Path) -> dict[str, str]:
     """BEIR ``queries.jsonl``: {"_id", "text"}."""
-    queries = {}
+    queries: dict[str, str] = {}
+    lines: dict = {}
     for number, record in _read_jsonl(path):
         if not isinstance(record.get("text"), str):
             raise _error(path, number, "a query record needs a string 'text'")
-        queries[str(record["_id"])] = record["text"]
+        qid = _id(record["_id"], path, number, "'_id'")
+        _put(queries, qid, record["text"], lines, qid, path, number, "query")
     return queries
 
 
 def read_tsv_pairs(path: str | Path) -> dict[str, str]:
     """``id\\ttext`` per line: NovelEval corpus.tsv / queries.tsv and BRIGHT topic TSVs."""
-    pairs = {}
-    for number, line in _lines(path):
+    pairs: dict[str, str] = {}
+    lines: dict = {}
+    for number, line in text_lines(path):
         key, sep, text = line.partition("\t")
         if not sep or not key.strip():
             raise _error(path, number, "expected 'id<TAB>text'")
-        pairs[key.strip()] = text
+        _put(pairs, key.strip(), text, lines, key.strip(), path, number, "id")
     return pairs
 
 
@@ -173,9 +204,20 @@ def read_rank_llm(path: str | Path) -> list[RankLLMQuery]:
         hits = entry.get("hits") if isinstance(entry, dict) else None
         if not isinstance(hits, list) or not isinstance(entry.get("query"), str):
             raise ValueError(f"{path}: entry {index} needs a string 'query' and a list 'hits'")
+        docids: dict[str, int] = {}
         for hit_index, hit in enumerate(hits):
+            where = f"{path}: entry {index} hit {hit_index}"
             if not isinstance(hit, dict) or not {"content", "docid"} <= hit.keys():
-                raise ValueError(f"{path}: entry {index} hit {hit_index} needs 'content' and 'docid'")
+                raise ValueError(f"{where} needs 'content' and 'docid'")
+            try:
+                docid = _id(hit["docid"], path, 0, "'docid'")
+            except ValueError as err:
+                raise ValueError(f"{where}: {str(err).split(': ', 1)[1]}") from None
+            if docid in docids:
+                raise ValueError(f"{where}: docid {docid!r} again (first in hit {docids[docid]})")
+            docids[docid] = hit_index
+            if "qid" in hit and str(hit["qid"]) != str(hits[0].get("qid")):
+                raise ValueError(f"{where}: qid {hit['qid']!r}, but the entry's first hit has {hits[0].get('qid')!r}")
         qid = str(hits[0]["qid"]) if hits and "qid" in hits[0] else str(index)
         if qid in seen:  # later entries would silently replace earlier ones downstream
             raise ValueError(f"{path}: entries {seen[qid]} and {index} have the same qid {qid!r}")

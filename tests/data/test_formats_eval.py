@@ -97,6 +97,29 @@ def test_run_and_qrels_round_trip(tmp_path):
         (formats.read_beir_corpus, '{"_id": "1", "text": "a"}\n{"text": "b"}\n', ":2: a BEIR JSONL record"),
         (formats.read_beir_queries, '{"_id": "1", "text": "a"}\nnot json\n', ":2: invalid JSON"),
         (formats.read_tsv_pairs, "1\tfine\nno tab here\n", ":2: expected 'id<TAB>text'"),
+        # A repeated id would silently replace the earlier line (trec_eval refuses such runs).
+        (
+            formats.read_run,
+            "q1 Q0 d1 1 0.5 t\nq2 Q0 d1 1 0.4 t\nq1 Q0 d1 2 0.3 t\n",
+            ":3: query 'q1': document 'd1' again (first on line 1)",
+        ),
+        (formats.read_qrels, "q1 0 d1 1\nq1 0 d1 2\n", ":2: query 'q1': document 'd1' again (first on line 1)"),
+        (
+            formats.read_beir_corpus,
+            '{"_id": "d1", "text": "a"}\n{"_id": "d1", "text": "b"}\n',
+            ":2: document 'd1' again",
+        ),
+        (formats.read_beir_queries, '{"_id": 7, "text": "a"}\n{"_id": "7", "text": "b"}\n', ":2: query '7' again"),
+        (formats.read_tsv_pairs, "1\ta\n1\tb\n", ":2: id '1' again (first on line 1)"),
+        # An id that is no string would be written as 'None' / "{'a': 1}" into run files.
+        (
+            formats.read_beir_corpus,
+            '{"_id": null, "text": "a"}\n',
+            ":1: '_id' must be a string or an integer, got None",
+        ),
+        (formats.read_beir_queries, '{"_id": "q 1", "text": "a"}\n', ":1: '_id' 'q 1' is empty or holds whitespace"),
+        # Only a real header is skipped: a first judgment with a bad grade is an error, not dropped.
+        (formats.read_qrels, "q1\td1\tabc\nq1\td2\t1\n", ":1: relevance 'abc'"),
     ],
 )
 def test_malformed_lines_name_file_and_line(tmp_path, reader, content, message):
@@ -105,6 +128,29 @@ def test_malformed_lines_name_file_and_line(tmp_path, reader, content, message):
     with pytest.raises(ValueError) as err:
         reader(path)
     assert str(path) in str(err.value) and message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "hits, message",
+    [
+        (
+            [{"docid": "d1", "content": "a"}, {"docid": "d1", "content": "b"}],
+            "entry 0 hit 1: docid 'd1' again (first in hit 0)",
+        ),
+        ([{"docid": "d 1", "content": "a"}], "entry 0 hit 0: 'docid' 'd 1' is empty or holds whitespace"),
+        ([{"docid": None, "content": "a"}], "entry 0 hit 0: 'docid' must be a string or an integer"),
+        (
+            [{"qid": "q1", "docid": "d1", "content": "a"}, {"qid": "q2", "docid": "d2", "content": "b"}],
+            "entry 0 hit 1: qid 'q2', but the entry's first hit has 'q1'",
+        ),
+    ],
+)
+def test_malformed_rank_llm_hits_are_named(tmp_path, hits, message):
+    path = tmp_path / "hits.json"
+    path.write_text(json.dumps([{"query": "q", "hits": hits}]))
+    with pytest.raises(ValueError) as err:
+        formats.read_rank_llm(path)
+    assert str(err.value).startswith(f"{path}: {message}")
 
 
 def test_beir_collection_and_rank_llm_round_trip(tmp_path):
@@ -144,3 +190,13 @@ def test_bm25_retrieve_cli_on_noveleval(tmp_path, capsys):
     result = evaluate(run, formats.read_qrels(NOVELEVAL / "qrels.txt"), ("ndcg_cut_10",))
     # Over the whole 420-passage corpus (not each query's own 20), BM25 still finds the topic.
     assert result.mean["ndcg_cut_10"] > 0.3
+
+
+def test_a_corpus_without_an_indexable_word_is_a_user_error():
+    """bm25s itself fails with "max() arg is an empty sequence" on such a corpus."""
+    from grouprank_jax.errors import is_user_error
+    from grouprank_jax.retrieve import bm25_run
+
+    with pytest.raises(ValueError, match=r"the corpus \(2 documents\) holds no indexable word") as err:
+        bm25_run({"d1": "x y", "d2": "the a"}, {"q1": "x"})
+    assert is_user_error(err.value)
