@@ -52,7 +52,7 @@ from grouprank_jax.tokenizer import load_tokenizer
 from grouprank_jax.training.loop import TrainResult, train_loop
 from grouprank_jax.training.run_dir import RunDir, save_base_weights, stage_records
 from grouprank_jax.training.state import init_train_state, shard_batch
-from grouprank_jax.weights.loading import initial_model, resumed_base, with_lora
+from grouprank_jax.weights.loading import initial_model, merge_lora, resumed_base, with_lora
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,8 @@ def train_grpo(
     if model is None:
         resumed = resumed_base(run_dir.root, cfg.model, mesh) if keep_base else None
         model = resumed or initial_model(cfg.init_from, cfg.model, mesh, seed=cfg.seed)
+    elif model.cfg.lora_rank:  # a LoRA-trained model passed in starts merged, as it would from init_from
+        model = merge_lora(model, mesh)
     if lora:
         model = with_lora(model, grpo.lora_rank, grpo.lora_alpha, grpo.lora_targets, mesh, cfg.seed)
     save_base_weights(model, run_dir, keep_base=keep_base)

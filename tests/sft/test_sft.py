@@ -252,3 +252,41 @@ def test_a_resumed_lora_run_adapts_the_base_it_started_from(tmp_path):
     assert second.step == 2
     resumed = [np.asarray(x) for x in jax.tree.leaves(nnx.state(second.model, base_filter()))]
     assert len(resumed) == len(base) and all(np.array_equal(a, b) for a, b in zip(resumed, base))
+
+
+def test_a_lora_trained_model_passed_in_starts_from_its_merged_weights(tmp_path):
+    """``train_sft(model=...)`` with a model that already carries trained adapters: its frozen
+    base is the merged weights (what ``init_from`` of that model would give). Before, the old
+    adapters were carried over as the new ones and the base was the pre-LoRA one."""
+    import jax
+    import numpy as np
+
+    from grouprank_jax.config import model_preset
+    from grouprank_jax.config.run import run_config_from_dict
+    from grouprank_jax.data.records import records_from_rows
+    from grouprank_jax.models import create_model
+    from grouprank_jax.models.lora import base_filter
+    from grouprank_jax.sft.trainer import train_sft
+    from grouprank_jax.weights.loading import merge_lora, with_lora
+
+    adapted = with_lora(create_model(model_preset("tiny"), seed=1), 4, 8.0, ("q_proj", "v_proj"), None, 0)
+    state = nnx.state(adapted, nnx.LoRAParam)
+    rng = np.random.default_rng(0)
+    nnx.update(adapted, jax.tree.map(lambda x: jax.numpy.asarray(rng.normal(0, 0.1, x.shape), x.dtype), state))
+    merged = [np.asarray(x) for x in jax.tree.leaves(nnx.state(merge_lora(adapted, None), nnx.Param))]
+    rows = [{"query": f"q{i}", "documents": ["alpha beta", "gamma", "delta"], "scores": [i, 3, 0]} for i in range(2)]
+    cfg = run_config_from_dict(
+        {
+            "model": {"preset": "tiny"},
+            "prompt": {"preset": "compact"},
+            "sft": {"per_device_batch": 1, "max_seq_len": 256, "length_buckets": [256], "packing": False},
+            "checkpoint": {"async_save": False},
+            "run_dir": str(tmp_path / "run"),
+        }
+    )
+    cfg = cfg.replace(sft=cfg.sft.replace(total_steps=1, lora_rank=4))
+    result = train_sft(cfg, records=records_from_rows(rows, purpose="sft"), model=adapted, progress=False)
+    base = [np.asarray(x) for x in jax.tree.leaves(nnx.state(result.model, base_filter()))]
+    assert len(base) == len(merged)
+    for a, b in zip(base, merged):
+        np.testing.assert_allclose(a, b, rtol=0, atol=0)
