@@ -25,7 +25,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    result = evaluate(read_run(args.run), read_qrels(args.qrels), metrics, args.relevance_level)
+    run, qrels = read_run(args.run), read_qrels(args.qrels)
+    for path, lines in ((args.run, run), (args.qrels, qrels)):
+        if not lines:
+            raise ValueError(f"{path}: no lines to evaluate (the file is empty)")
+    result = evaluate(run, qrels, metrics, args.relevance_level)
     if args.json:
         payload = {"mean": result.mean, "num_queries": result.num_queries}
         if args.per_query:

@@ -59,6 +59,16 @@ def test_metric_names_and_unjudged_runs_are_explained():
         evaluate(run, {"Q1": {"b": 1}}, ("ndcg_cut_10",))  # a 0.0 over no query would read as a score
 
 
+@pytest.mark.parametrize("empty", ["run", "qrels"])
+def test_eval_of_an_empty_file_names_it(tmp_path, capsys, empty):
+    files = {"run": "q1 Q0 d1 1 0.5 t\n", "qrels": "q1 0 d1 1\n"}
+    files[empty] = "\n"
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert main(["eval", "--run", str(tmp_path / "run"), "--qrels", str(tmp_path / "qrels")]) == 2
+    assert f"{tmp_path / empty}: no lines to evaluate" in capsys.readouterr().err
+
+
 def test_byte_order_mark_and_bad_encodings(tmp_path):
     (tmp_path / "run.txt").write_bytes("\ufeffq1 Q0 d1 1 0.5 t\n".encode())
     (tmp_path / "qrels.txt").write_bytes("\ufeffq1 0 d1 1\n".encode())
