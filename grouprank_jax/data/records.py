@@ -22,6 +22,7 @@ For Parquet the number is the 1-based row index.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -45,6 +46,15 @@ CANONICAL_FIELDS = (
     "gold",
     "reasoning",
 )
+
+# Fields the two record kinds read, plus provenance `grouprank synth` writes (qid, fused_rank).
+# Any other field is reported once per file: a misspelt name ("scroes", "glod") is not read.
+KNOWN_FIELDS = frozenset(
+    {"system", "prompt", "instruction", "input", "output", "query", "documents", "scores", "gold", "reasoning"}
+    | {"qid", "fused_rank", "id", "source"}
+)
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -101,8 +111,14 @@ def _documents(row, where) -> list[dict[str, str]]:
         )
     if not isinstance(docs, (list, tuple)) or not docs:
         raise DataError(f"{where}: field 'documents' must be a non-empty list, got {docs!r:.80}")
-    out = []
+    out, first_index = [], {}
     for i, doc in enumerate(docs):
+        if isinstance(doc, Mapping) and isinstance(doc.get("docid"), str):
+            if doc["docid"] in first_index:  # a run keyed by docid would keep only one of them
+                raise DataError(
+                    f"{where}: documents[{i}] has docid {doc['docid']!r} again (documents[{first_index[doc['docid']]}])"
+                )
+            first_index[doc["docid"]] = i
         if isinstance(doc, str):
             out.append({"docid": str(i + 1), "text": doc})
         elif isinstance(doc, Mapping):
@@ -269,8 +285,19 @@ def iter_records(paths: Sequence[str | os.PathLike], purpose: str = "sft") -> It
         path = Path(p)
         if not path.is_file():
             raise DataError(f"{path}: file not found")
+        unread: dict[str, str] = {}  # field -> where it first appeared
         for where, row in _file_rows(path):
-            yield normalize_record(row, where, purpose)
+            record = normalize_record(row, where, purpose)
+            for key in row:
+                if key not in KNOWN_FIELDS and key not in unread:
+                    unread[key] = where
+            yield record
+        if unread:
+            log.warning(
+                "%s: records carry fields training does not read (a misspelt name is ignored, not used): %s",
+                path,
+                ", ".join(f"{key!r} (first at {where})" for key, where in sorted(unread.items())),
+            )
 
 
 def _generate(paths: list[str], purpose: str, stamps: list[tuple[int, int]]) -> Iterator[dict]:

@@ -67,6 +67,10 @@ def test_invalid_json_line_is_named(tmp_path):
         ({**GROUP, "documents": "a b"}, r"'documents' must be a non-empty list"),
         ({**GROUP, "documents": [{"docid": "1"}, "b"]}, r"documents\[0\] needs string 'docid' and 'text'"),
         ({**GROUP, "gold": [1.0, float("nan")]}, r"gold\[1\] = nan must be a finite number"),
+        (
+            {**GROUP, "documents": [{"docid": "d1", "text": "a"}, {"docid": "d1", "text": "b"}]},
+            r"documents\[1\] has docid 'd1' again \(documents\[0\]\)",
+        ),
         ({**GROUP, "prompt": "p"}, r"mixes chat fields"),
         ({"text": "t"}, r"unrecognised record"),
         ([1, 2], r"must be a JSON object"),
@@ -76,6 +80,22 @@ def test_malformed_record_names_file_and_line(tmp_path, bad, message):
     path = _write_jsonl(tmp_path / "data.jsonl", [CHAT, bad, CHAT])
     with pytest.raises(DataError, match=rf"^{path}:2: .*{message}"):
         load_records(path, cache_dir=str(tmp_path / "cache"))
+
+
+def test_fields_training_does_not_read_are_reported_once_per_file(tmp_path, caplog):
+    """A misspelt field ("scroes" beside the real "scores", "glod") is ignored by training: the
+    file, each such field and the line it first appears on are named in one warning."""
+    import logging
+
+    from grouprank_jax.data.records import iter_records
+
+    synth_written = {**GROUP, "qid": "q7", "fused_rank": [1, 2]}  # provenance: not reported
+    path = _write_jsonl(tmp_path / "rl.jsonl", [synth_written, {**GROUP, "glod": [1, 0]}, {**GROUP, "scroes": [1, 1]}])
+    with caplog.at_level(logging.WARNING, logger="grouprank_jax.data.records"):
+        assert len(list(iter_records([path], purpose="rl"))) == 3
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"{path}: records carry fields training does not read")
+    assert f"'glod' (first at {path}:2), 'scroes' (first at {path}:3)" in warning
 
 
 def test_rl_purpose_requires_grouprank_with_labels():
