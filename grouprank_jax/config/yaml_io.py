@@ -4,6 +4,7 @@ keys are errors that name the key, the section and what is allowed."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import sys
 import types
@@ -62,16 +63,18 @@ def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
+    data = path.read_bytes()
     try:
-        path.read_bytes().decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        line = data[: err.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    with open(path, encoding="utf-8") as fh:
-        try:
-            tree = yaml.load(fh, Loader=_UniqueKeyLoader) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: invalid YAML: {err}") from err
+    stream = io.StringIO(text)
+    stream.name = str(path)  # PyYAML names the stream in its error marks
+    try:
+        tree = yaml.load(stream, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: invalid YAML: {err}") from err
     if not isinstance(tree, dict):
         raise ValueError(f"{path}: top level must be a mapping, got {type(tree).__name__}")
     return apply_overrides(tree, overrides or [])

@@ -68,14 +68,14 @@ def _put(table: dict, key, value, lines: dict, line_key, path, number: int, what
     lines[line_key] = number
 
 
-def _id(value, path, number: int, what: str) -> str:
+def _id(value, where: str, what: str) -> str:
     """An id as a string: a non-empty string or an integer, without whitespace (ids are
-    whitespace-separated fields of run and qrels files)."""
+    whitespace-separated fields of run and qrels files); ``where`` starts the error message."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise _error(path, number, f"{what} must be a string or an integer, got {value!r}")
+        raise ValueError(f"{where}: {what} must be a string or an integer, got {value!r}")
     text = str(value)
     if not text or any(c.isspace() for c in text):
-        raise _error(path, number, f"{what} {text!r} is empty or holds whitespace (ids are fields of run files)")
+        raise ValueError(f"{where}: {what} {text!r} is empty or holds whitespace (ids are fields of run files)")
     return text
 
 
@@ -156,7 +156,7 @@ def read_beir_corpus(path: str | Path) -> dict[str, str]:
         if not isinstance(record.get("text", ""), str):
             raise _error(path, number, "'text' must be a string")
         title, text = record.get("title") or "", record.get("text") or ""
-        docid = _id(record["_id"], path, number, "'_id'")
+        docid = _id(record["_id"], f"{path}:{number}", "'_id'")
         _put(corpus, docid, f"{title} {text}".strip() if title else text, lines, docid, path, number, "document")
     return corpus
 
@@ -168,7 +168,7 @@ def read_beir_queries(path: str | Path) -> dict[str, str]:
     for number, record in _read_jsonl(path):
         if not isinstance(record.get("text"), str):
             raise _error(path, number, "a query record needs a string 'text'")
-        qid = _id(record["_id"], path, number, "'_id'")
+        qid = _id(record["_id"], f"{path}:{number}", "'_id'")
         _put(queries, qid, record["text"], lines, qid, path, number, "query")
     return queries
 
@@ -209,10 +209,7 @@ def read_rank_llm(path: str | Path) -> list[RankLLMQuery]:
             where = f"{path}: entry {index} hit {hit_index}"
             if not isinstance(hit, dict) or not {"content", "docid"} <= hit.keys():
                 raise ValueError(f"{where} needs 'content' and 'docid'")
-            try:
-                docid = _id(hit["docid"], path, 0, "'docid'")
-            except ValueError as err:
-                raise ValueError(f"{where}: {str(err).split(': ', 1)[1]}") from None
+            docid = _id(hit["docid"], where, "'docid'")
             if docid in docids:
                 raise ValueError(f"{where}: docid {docid!r} again (first in hit {docids[docid]})")
             docids[docid] = hit_index

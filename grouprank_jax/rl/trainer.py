@@ -47,7 +47,6 @@ from grouprank_jax.rl.rollout import (
 )
 from grouprank_jax.rl.step import make_grpo_optimizer, make_grpo_update, make_logprob_fn
 from grouprank_jax.sampling import Sampler, SamplingParams
-from grouprank_jax.task.prompts import load_template
 from grouprank_jax.tokenizer import load_tokenizer
 from grouprank_jax.training.loop import TrainResult, train_loop
 from grouprank_jax.training.run_dir import RunDir, save_base_weights, stage_records
@@ -98,7 +97,7 @@ def train_grpo(
     records = stage_records(records, cfg.data.rl_train, "rl", "rl_train")
     if grpo.group_sampling == "as_written":
         check_group_sizes(records, grpo.group_size_max)
-    load_template(cfg.prompt.preset)  # a bad preset fails here, not after the model is built
+    # loads the template too: a bad preset or an over-long record fails here, not after the model is built
     check_prompt_budget(records, tokenizer, cfg.prompt.preset, grpo.max_prompt_len, grpo.group_size_max)
     lora = grpo.lora_enabled
     # The starting weights are kept in the run dir when they are the frozen LoRA base or the

@@ -98,6 +98,11 @@ def test_run_and_qrels_round_trip(tmp_path):
     assert formats.read_qrels(tmp_path / "beir.tsv") == {"q1": {"d1": 1}}
 
 
+def _hits(*hits):
+    """(reader, file text) of one rank_llm entry holding ``hits`` (each given some content)."""
+    return formats.read_rank_llm, json.dumps([{"query": "q", "hits": [{"content": "t", **h} for h in hits]}])
+
+
 @pytest.mark.parametrize(
     "reader, content, message",
     [
@@ -130,6 +135,14 @@ def test_run_and_qrels_round_trip(tmp_path):
         (formats.read_beir_queries, '{"_id": "q 1", "text": "a"}\n', ":1: '_id' 'q 1' is empty or holds whitespace"),
         # Only a real header is skipped: a first judgment with a bad grade is an error, not dropped.
         (formats.read_qrels, "q1\td1\tabc\nq1\td2\t1\n", ":1: relevance 'abc'"),
+        # rank_llm hits: a repeated or malformed docid, hits of two queries in one entry
+        (*_hits({"docid": "d1"}, {"docid": "d1"}), ": entry 0 hit 1: docid 'd1' again (first in hit 0)"),
+        (*_hits({"docid": "d 1"}), ": entry 0 hit 0: 'docid' 'd 1' is empty or holds whitespace"),
+        (*_hits({"docid": None}), ": entry 0 hit 0: 'docid' must be a string or an integer"),
+        (
+            *_hits({"qid": "q1", "docid": "d1"}, {"qid": "q2", "docid": "d2"}),
+            ": entry 0 hit 1: qid 'q2', but the entry's first hit has 'q1'",
+        ),
     ],
 )
 def test_malformed_lines_name_file_and_line(tmp_path, reader, content, message):
@@ -137,30 +150,7 @@ def test_malformed_lines_name_file_and_line(tmp_path, reader, content, message):
     path.write_text(content)
     with pytest.raises(ValueError) as err:
         reader(path)
-    assert str(path) in str(err.value) and message in str(err.value)
-
-
-@pytest.mark.parametrize(
-    "hits, message",
-    [
-        (
-            [{"docid": "d1", "content": "a"}, {"docid": "d1", "content": "b"}],
-            "entry 0 hit 1: docid 'd1' again (first in hit 0)",
-        ),
-        ([{"docid": "d 1", "content": "a"}], "entry 0 hit 0: 'docid' 'd 1' is empty or holds whitespace"),
-        ([{"docid": None, "content": "a"}], "entry 0 hit 0: 'docid' must be a string or an integer"),
-        (
-            [{"qid": "q1", "docid": "d1", "content": "a"}, {"qid": "q2", "docid": "d2", "content": "b"}],
-            "entry 0 hit 1: qid 'q2', but the entry's first hit has 'q1'",
-        ),
-    ],
-)
-def test_malformed_rank_llm_hits_are_named(tmp_path, hits, message):
-    path = tmp_path / "hits.json"
-    path.write_text(json.dumps([{"query": "q", "hits": hits}]))
-    with pytest.raises(ValueError) as err:
-        formats.read_rank_llm(path)
-    assert str(err.value).startswith(f"{path}: {message}")
+    assert str(err.value).startswith(str(path)) and message in str(err.value)
 
 
 def test_beir_collection_and_rank_llm_round_trip(tmp_path):
