@@ -65,8 +65,11 @@ def record_step(
     stream, so what a row samples does not depend on the batch it is in or on the mesh.
     """
     keys = ops.row_keys(row_seeds, row_ids, step)
-    tok = ops.sample_tokens(logits, keys, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
-    lp = ops.token_logprobs(logits, tok, logprob_temperature)
+    if greedy:
+        tok, lp = ops.greedy_tokens_and_logprobs(logits, logprob_temperature)
+    else:
+        tok = ops.sample_tokens(logits, keys, temperature, top_p, greedy=False, top_k=top_k, use_top_p=use_top_p)
+        lp = ops.token_logprobs(logits, tok, logprob_temperature)
     active = ~rec.done
     tok = jnp.where(active, tok, pad_id)
     lp = jnp.where(active, lp, 0.0)

@@ -158,12 +158,20 @@ def test_first_argmax_and_token_logprobs_match_the_textbook_ops():
     np.testing.assert_array_equal(want[[1, 2, 4, 5]], [10, 3, 999, 0])
     finite = jnp.asarray(x[[0, 1, 4, 5]])
     tokens = jnp.asarray([5, 10, 999, 1])
-    np.testing.assert_allclose(
-        ops.token_logprobs(finite, tokens),
-        jnp.take_along_axis(jax.nn.log_softmax(finite, axis=-1), tokens[:, None], axis=-1)[:, 0],
-        rtol=1e-6,
-        atol=1e-6,
-    )
+    greedy_tokens = jnp.asarray(want[[0, 1, 4, 5]])
+    for temperature in (1.0, 0.7):
+
+        def textbook(toks, t=temperature):
+            return jnp.take_along_axis(jax.nn.log_softmax(finite / t, axis=-1), toks[:, None], axis=-1)[:, 0]
+
+        got = ops.token_logprobs(finite, tokens, temperature)
+        np.testing.assert_allclose(got, textbook(tokens), rtol=1e-6, atol=1e-6)
+        # The decode step's fused greedy op: the same token and log-prob as the two ops apart.
+        got_tokens, got_lp = jax.jit(ops.greedy_tokens_and_logprobs)(jnp.asarray(x), temperature)
+        np.testing.assert_array_equal(got_tokens, want)
+        got_lp = np.asarray(got_lp)
+        np.testing.assert_allclose(got_lp[[0, 1, 4, 5]], textbook(greedy_tokens), rtol=1e-6, atol=1e-6)
+        assert np.isnan(got_lp[2]), "a row holding a NaN gets a NaN log-prob"
 
 
 def test_prompt_buckets():
