@@ -153,7 +153,8 @@ def sample_tokens(logits, keys, temperature, top_p, *, greedy: bool, top_k: int 
 def first_argmax(logits):
     """``[B]`` int32: ``jnp.argmax`` over the last axis (first index of the maximum; a NaN counts as
     the maximum), as a max and a masked min. XLA:CPU runs argmax as a two-operand reduction that
-    is not vectorised: ~3 ms for [8, 151936] fp32 on two cores, this ~0.5 ms (and one per decode step).
+    is not vectorised: ~3 ms for [8, 151936] fp32 on two cores, this ~0.5 ms. The greedy decode step
+    uses ``greedy_tokens_and_logprobs``, the same rule with the max shared by the log-prob.
     """
     return _first_hit(logits, jnp.max(logits, axis=-1, keepdims=True))
 
@@ -164,9 +165,9 @@ def token_logprobs(logits, tokens, temperature=1.0):
     Never the top-k/top-p filtered distribution: GRPO's importance ratio compares against the
     trainer's log-softmax of the same fp32 logits at the same temperature (TRL and verl divide
     the logits by the sampling temperature in both places). As ``(x_t - m) / T - log sum exp((x -
-    m) / T)`` with ``m`` the row max: dividing after the shift lets XLA fuse it into the two
-    reductions, where ``logits / T`` used by three consumers was written out as a [B, V] array
-    every decode step (~1 ms at [16, 151936] on two CPU cores).
+    m) / T)`` with ``m`` the row max, so the division sits inside the exp-sum: ``logits / T``,
+    read by three reductions, was written out as a [B, V] array every greedy decode step (~1 ms
+    at [16, 151936] on two CPU cores, profiled).
     """
     logits = logits.astype(jnp.float32)
     top = jnp.max(logits, axis=-1, keepdims=True)  # [B, 1]
@@ -179,7 +180,8 @@ def greedy_tokens_and_logprobs(logits, temperature=1.0):
 
     The greedy token's logit is the row max, so its log-prob is ``-log sum exp((x - max) / T)``:
     three reads of ``logits [B, V]`` (max, masked min, exp-sum) and no [B, V] array written, where
-    the two ops apart take six (the step's vocabulary work fell from ~10 to ~4 ms at [16, 151936]).
+    the two ops apart took six and wrote two (a decode step's vocabulary work, profiled at
+    [16, 151936] on two CPU cores, fell from ~10 to ~7.5 ms).
     A row holding a NaN gets the first NaN's index and a NaN log-prob, as the two ops apart.
     """
     logits = logits.astype(jnp.float32)
