@@ -21,10 +21,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from grouprank_jax.config import ModelConfig
-from grouprank_jax.models.attention import attend, shared_prefix_decode_attention
+from grouprank_jax.models.attention import attend, mesh_platform, shared_prefix_decode_attention
 from grouprank_jax.models.kv_cache import KVCache, PrefixKV
 from grouprank_jax.models.prefix_attention import prefix_attention_fused, shared_prefix_attention
-from grouprank_jax.models.projection import Projection, normal_param
+from grouprank_jax.models.projection import Projection, normal_param, tied_head_logits
 from grouprank_jax.parallel.mesh import LOGICAL_AXIS_RULES, Rules, shard, use_mesh
 
 
@@ -255,9 +255,9 @@ class Qwen2ForCausalLM(nnx.Module):
     # ---- pieces shared by training losses ------------------------------------------------
     def logits_from_hidden(self, hidden):
         """fp32 logits from final hidden states ``[..., D]`` (fp32 operands for sampler/trainer parity)."""
-        h = hidden.astype(jnp.float32)
         if self.cfg.tie_word_embeddings:
-            return jnp.einsum("...d,vd->...v", h, self.embed[...].astype(jnp.float32))
+            return tied_head_logits(hidden, self.embed[...], mesh_platform(self.mesh))
+        h = hidden.astype(jnp.float32)
         return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(jnp.float32))
 
     def __call__(
