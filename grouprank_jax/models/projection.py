@@ -101,11 +101,13 @@ class Projection(nnx.Module):
 # Where XLA:CPU gets the tied head faster as a broadcast multiply and row reduce than as a dot:
 # rows (tokens) in CPU_ROWWISE_HEAD_ROWS and a width of at least CPU_ROWWISE_HEAD_MIN_WIDTH. At a
 # handful of rows its dot costs ~2.5x reading the table once; the reduce reads it once, then
-# transposes its [V, rows] result. A/B over a 151,936-token fp32 table on this repo's 2-core CI
-# machine (2026-12-05), dot -> reduce: width 256: 2 rows 10.3 -> 8.5 ms, 8 rows 12.9 -> 9.1,
-# 16 rows 16.2 -> 12.6; width 896: 8 rows 47.2 -> 30.8. At 1 row the dot is a GEMV already and the
-# reduce ~25x slower; at 32 rows (width 256) or width 64 the transpose eats the gain.
-CPU_ROWWISE_HEAD_ROWS = (2, 16)
+# transposes its [V, rows] result. Head alone, 151,936-token fp32 table, this repo's 2-core CI
+# machine (2026-12-05), dot -> reduce: width 256: 2 rows 10.3 -> 8.5 ms, 8 rows 12.9 -> 9.1;
+# width 896: 8 rows 47.2 -> 30.8. At 1 row the dot is a GEMV already and the reduce ~25x slower;
+# at width 64 the transpose eats the gain. At 16 rows the head alone gains (16.2 -> 12.6 ms) but
+# the decode step does not (28.4 vs 27.7 ms, 4 layers): the greedy op's row reductions over the
+# transposed result get slow (head + greedy op alone: 24 -> 42 ms).
+CPU_ROWWISE_HEAD_ROWS = (2, 8)
 CPU_ROWWISE_HEAD_MIN_WIDTH = 256
 
 

@@ -10,7 +10,7 @@ import pytest
 from grouprank_jax.models.projection import CPU_ROWWISE_HEAD_MIN_WIDTH, CPU_ROWWISE_HEAD_ROWS, tied_head_logits
 
 
-@pytest.mark.parametrize("rows", [1, 2, 8, 16, 17])
+@pytest.mark.parametrize("rows", [1, 2, 8, 9, 16])
 @pytest.mark.parametrize("width", [64, 256])
 @pytest.mark.parametrize("platform", ["cpu", "tpu", "gpu"])
 def test_tied_head_matches_a_float64_reference_and_reduces_rowwise_only_for_small_cpu_batches(rows, width, platform):
