@@ -114,10 +114,10 @@ CPU_ROWWISE_HEAD_MIN_WIDTH = 256
 def tied_head_logits(hidden, embed, platform: str):
     """fp32 logits ``[..., V]`` from hidden states ``[..., D]`` and the tied table ``embed [V, D]``.
 
-    On ``platform == "cpu"`` for a decode step of a small batch at a real model's width (the
-    ``CPU_ROWWISE_HEAD_*`` bounds) each logit is reduced from the table's row in place, which
-    reads the table once; everywhere else (TPU/GPU, training, prefill) it is one dot, the shape
-    the MXU and tensor cores want.
+    On ``platform == "cpu"`` for a few rows at a real model's width (the ``CPU_ROWWISE_HEAD_*``
+    bounds: a small batch's decode step, or its prefill's last positions) each logit is reduced
+    from the table's row in place, which reads the table once; everywhere else (TPU/GPU, training
+    batches, one row, more than 8) it is one dot, the shape the MXU and tensor cores want.
     """
     h = hidden.astype(jnp.float32)
     table = embed.astype(jnp.float32)

@@ -34,3 +34,30 @@ def test_tied_head_matches_a_float64_reference_and_reduces_rowwise_only_for_smal
     rowwise = platform == "cpu" and low <= rows <= high and width >= CPU_ROWWISE_HEAD_MIN_WIDTH
     program = head.lower(hidden, table).as_text()
     assert ("dot_general" not in program) == rowwise, program
+
+
+def test_rowwise_tied_head_on_8_devices_equals_one_device():
+    """The CPU row-reduce form with the table split over vocab (tensor) and width (fsdp) and the
+    rows over data, as a sharded sampler holds them: the same logits as one device."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from grouprank_jax.config.mesh import MeshConfig
+    from grouprank_jax.parallel.mesh import make_mesh
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(1024, 256)).astype(np.float32)
+    hidden = rng.normal(size=(8, 1, 256)).astype(np.float32)
+    head = jax.jit(functools.partial(tied_head_logits, platform="cpu"))
+    assert "dot_general" not in head.lower(hidden, table).as_text()
+    one_device = np.asarray(head(hidden, table))
+
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    assert mesh.devices.size == 8
+    sharded = np.asarray(
+        head(
+            jax.device_put(hidden, NamedSharding(mesh, P("data", None, "fsdp"))),
+            jax.device_put(table, NamedSharding(mesh, P("tensor", "fsdp"))),
+        )
+    )
+    np.testing.assert_allclose(sharded, one_device, rtol=1e-5, atol=1e-4)
