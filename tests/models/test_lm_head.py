@@ -6,8 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from grouprank_jax.config.mesh import MeshConfig
 from grouprank_jax.models.projection import CPU_ROWWISE_HEAD_MIN_WIDTH, CPU_ROWWISE_HEAD_ROWS, tied_head_logits
+from grouprank_jax.parallel.mesh import make_mesh
 
 
 @pytest.mark.parametrize("rows", [1, 2, 8, 9, 16])
@@ -39,12 +43,6 @@ def test_tied_head_matches_a_float64_reference_and_reduces_rowwise_only_for_smal
 def test_rowwise_tied_head_on_8_devices_equals_one_device():
     """The CPU row-reduce form with the table split over vocab (tensor) and width (fsdp) and the
     rows over data, as a sharded sampler holds them: the same logits as one device."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from grouprank_jax.config.mesh import MeshConfig
-    from grouprank_jax.parallel.mesh import make_mesh
-
     rng = np.random.default_rng(0)
     table = rng.normal(size=(1024, 256)).astype(np.float32)
     hidden = rng.normal(size=(8, 1, 256)).astype(np.float32)
