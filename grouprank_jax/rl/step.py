@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from grouprank_jax.models.token_logprobs import lm_head_matrix, token_logprobs
+from grouprank_jax.models.token_logprobs import lm_head_matrix, rowwise_softmax, token_logprobs
 from grouprank_jax.rl.losses import grpo_loss, masked_mean
 from grouprank_jax.training.accumulate import apply_gradients, sum_gradients
 from grouprank_jax.training.state import make_optimizer
@@ -133,7 +133,9 @@ def completion_logprobs(
         # token 0 of every rollout is predicted by its prompt's last position (shared)
         last_prompt = jnp.repeat(prompt_hidden[:, -1:], rollouts, axis=0)  # [R, 1, D]
         predicting = jnp.concatenate([last_prompt, hidden[:, :-1]], axis=1)  # [R, C, D]
-    return token_logprobs(lm_head_matrix(model), predicting, targets, chunk_size, with_entropy, temperature)
+    head = lm_head_matrix(model)
+    rowwise = rowwise_softmax(model.mesh)
+    return token_logprobs(head, predicting, targets, chunk_size, with_entropy, temperature, rowwise)
 
 
 def make_logprob_fn(

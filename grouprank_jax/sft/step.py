@@ -9,7 +9,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from grouprank_jax.models.token_logprobs import lm_head_matrix, token_logprobs
+from grouprank_jax.models.token_logprobs import lm_head_matrix, rowwise_softmax, token_logprobs
 from grouprank_jax.training.accumulate import apply_gradients, sum_gradients
 from grouprank_jax.training.state import make_optimizer
 
@@ -57,7 +57,9 @@ def sft_loss_sums(trainable, frozen, graphdef, batch, chunk_size: int, loss_toke
         hidden = jnp.take_along_axis(hidden, idx[..., None], axis=1)  # [B, K, D]
         targets = jnp.take_along_axis(targets, idx, axis=1)
         mask = jnp.take_along_axis(mask, idx, axis=1)
-    logp, _ = token_logprobs(lm_head_matrix(model), hidden, targets, chunk_size, with_entropy=False)
+    logp, _ = token_logprobs(
+        lm_head_matrix(model), hidden, targets, chunk_size, with_entropy=False, rowwise=rowwise_softmax(model.mesh)
+    )
     mask = mask.astype(jnp.float32)
     return -jnp.sum(logp * mask), jnp.sum(mask)
 
