@@ -5,8 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from grouprank_jax.config import model_preset
 from grouprank_jax.config.mesh import MeshConfig
+from grouprank_jax.models import create_model
 from grouprank_jax.models.token_logprobs import (
     CPU_ROWWISE_SOFTMAX_MIN_ROWS,
     naive_token_logprobs,
@@ -14,6 +17,9 @@ from grouprank_jax.models.token_logprobs import (
     token_logprobs,
 )
 from grouprank_jax.parallel.mesh import make_mesh
+from grouprank_jax.preflight.topology import parse_topology, topology_devices
+from grouprank_jax.rl.step import completion_logprobs
+from grouprank_jax.sft.step import sft_loss_sums
 
 
 # (37, 8): blocks of 8 rows, below CPU_ROWWISE_SOFTMAX_MIN_ROWS, so rowwise=True stays batched
@@ -70,8 +76,6 @@ def test_rowwise_equals_batched_at_the_real_vocabulary(with_entropy):
 
 
 def test_rows_are_reduced_one_at_a_time_only_on_one_cpu_device():
-    from grouprank_jax.preflight.topology import parse_topology, topology_devices
-
     assert rowwise_softmax(None)  # unsharded programs on this CPU host
     assert rowwise_softmax(make_mesh(MeshConfig(), jax.devices()[:1]))
     assert not rowwise_softmax(make_mesh(MeshConfig(data=8)))  # a loop would gather row shards
@@ -133,13 +137,6 @@ def test_blockwise_peak_memory_is_smaller():
 
 @pytest.mark.parametrize("devices", [1, 8])
 def test_sft_and_grpo_losses_reduce_by_row_on_one_cpu_device_only(devices):
-    from flax import nnx
-
-    from grouprank_jax.config import model_preset
-    from grouprank_jax.models import create_model
-    from grouprank_jax.rl.step import completion_logprobs
-    from grouprank_jax.sft.step import sft_loss_sums
-
     mesh = make_mesh(MeshConfig(fsdp=devices), jax.devices()[:devices])
     model = create_model(model_preset("tiny-smallvocab"), mesh=mesh, seed=0)
     graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
