@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grouprank_jax.config import model_preset
+from grouprank_jax.config import MeshConfig, model_preset
 from grouprank_jax.models import create_model
 from grouprank_jax.models.attention import (
     MASK_VALUE,
@@ -15,6 +15,8 @@ from grouprank_jax.models.attention import (
 )
 from grouprank_jax.models.flash import attention_with_lse
 from grouprank_jax.models.prefix_attention import shared_prefix_attention
+from grouprank_jax.parallel.mesh import make_mesh, use_mesh
+from grouprank_jax.preflight.topology import parse_topology, topology_devices
 
 
 def _inputs(rng, b, t, n, k, h, pad, packed):
@@ -46,9 +48,11 @@ def test_chunked_equals_reference(t, block, packed):
     assert err <= 1e-5, err
 
 
+@pytest.mark.parametrize("keys_left", [None, True, False])
 @pytest.mark.parametrize("rollouts", [1, 3])
-def test_shared_prefix_decode_equals_reference_over_each_rows_own_copy(rollouts):
-    """G rollouts reading one prompt KV + their own suffix = softmax over [prompt copy, suffix]."""
+def test_shared_prefix_decode_equals_reference_over_each_rows_own_copy(rollouts, keys_left):
+    """G rollouts reading one prompt KV + their own suffix = softmax over [prompt copy, suffix],
+    with the prefix scores as keys @ queries (CPU's default, None here) and as queries @ keys."""
     rng = np.random.default_rng(rollouts)
     b, g, n, kv_heads, h, p, s = 2, rollouts, 8, 2, 16, 13, 6
     r = b * g
@@ -69,6 +73,7 @@ def test_shared_prefix_decode_equals_reference_over_each_rows_own_copy(rollouts)
         heads_first(suffix_k),
         heads_first(suffix_v),
         jnp.asarray(suffix_valid),
+        keys_left=keys_left,
     )
     # Reference: every row holds its own copy of its prompt, followed by its suffix.
     k = jnp.concatenate([jnp.repeat(prefix_k, g, axis=0), suffix_k], axis=1)
@@ -78,6 +83,26 @@ def test_shared_prefix_decode_equals_reference_over_each_rows_own_copy(rollouts)
     want = reference_attention(q, k, v, jnp.full((r, 1), p + s, jnp.int32), slots, valid)
     err = float(jnp.abs(got - want).max())
     assert err <= 1e-5, err
+
+
+def test_shared_prefix_decode_puts_keys_left_only_on_cpu():
+    """The prefix scores' dot takes the prompt's keys as its left operand on CPU (no mesh, or a
+    CPU mesh) and the queries on TPU (a v5p-8 topology's mesh), as on GPU."""
+    b, g, kv_heads, h, p, s = 1, 4, 2, 8, 32, 4
+    q = jnp.ones((b * g, 1, kv_heads, h))
+    prefix, suffix = jnp.ones((b, kv_heads, p, h)), jnp.ones((b * g, kv_heads, s, h))
+    args = (q, prefix, prefix, jnp.ones((b, p), bool), suffix, suffix, jnp.ones((b * g, s), bool))
+
+    def first_dot_lhs_shape(mesh):
+        with use_mesh(mesh):  # a fresh function each time: a traced program is cached per function
+            jaxpr = jax.make_jaxpr(lambda *a: shared_prefix_decode_attention(*a))(*args)
+        dot = next(e for e in jaxpr.eqns if e.primitive.name == "dot_general")
+        return tuple(dot.invars[0].aval.shape)
+
+    keys = (b, kv_heads, p, h)
+    assert first_dot_lhs_shape(None) == keys
+    assert first_dot_lhs_shape(make_mesh(MeshConfig(fsdp=-1), jax.devices()[:1])) == keys
+    assert first_dot_lhs_shape(make_mesh(MeshConfig(fsdp=-1), topology_devices(parse_topology("v5p-8")))) != keys
 
 
 def _reference_with_lse(q, k, v, q_slot, kv_slot, kv_valid):
@@ -225,8 +250,6 @@ def test_splash_interpret_equals_reference_forward_and_gradients(t, heads, kv_he
 def test_model_forward_with_splash_equals_reference_on_a_mesh():
     """The whole model with ``attention_impl: splash`` (interpret mode) on an 8-device mesh, the
     kernel inside shard_map (rows over fsdp, heads over tensor), equals ``reference``."""
-    from grouprank_jax.config import MeshConfig
-    from grouprank_jax.parallel.mesh import make_mesh
     from grouprank_jax.weights.loading import rebuild_with_config
 
     cfg = model_preset("tiny-smallvocab")
