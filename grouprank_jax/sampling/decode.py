@@ -9,12 +9,29 @@ every row is done.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from grouprank_jax.models.token_logprobs import rowwise_softmax
 from grouprank_jax.sampling import ops
+
+# From this many rows on, a decode step on one CPU device samples each row on its own (a loop over
+# rows: every reduction over the vocabulary is then a full one). XLA:CPU's batched row reductions
+# over the 151,936-token vocabulary slow down sharply beyond a few dozen rows (as in the training
+# head, models/token_logprobs.py). LM head + vocabulary work of a decode step, batched -> by rows,
+# two cores (2026-12-05): sampled at T = 1, width 64: 8 rows 4.5 -> 4.7 ms, 16 rows 6.4 -> 8.1,
+# 32 rows 28.3 -> 10.7, 48 rows 41.1 -> 14.3; width 256: 32 rows 48.4 -> 31.0, 64 rows 87.0 ->
+# 51.4; greedy, width 256: 16 rows 22.6 -> 20.9, 32 rows 70.6 -> 30.9.
+CPU_BY_ROW_MIN_ROWS = 32
+
+
+def vocab_by_row(mesh, rows: int) -> bool:
+    """Whether a decode step's sampling and log-probs loop over its ``rows``: on one CPU device,
+    from ``CPU_BY_ROW_MIN_ROWS`` rows on (TPU/GPU and multi-device meshes keep the batched ops)."""
+    return rows >= CPU_BY_ROW_MIN_ROWS and rowwise_softmax(mesh)
 
 
 class RowRecord(NamedTuple):
@@ -58,18 +75,33 @@ def record_step(
     greedy: bool,
     top_k: int,
     use_top_p: bool,
+    by_row: bool = False,
 ) -> tuple[jax.Array, RowRecord]:
     """Sample from ``logits [rows, V]`` at ``step`` and record it -> (token to feed back [rows], record).
 
     ``row_seeds``, ``row_ids [rows]`` (``batch.row_streams``) and ``step`` pick each row's random
     stream, so what a row samples does not depend on the batch it is in or on the mesh.
+    ``by_row`` (``vocab_by_row``): the same ops, applied to one row at a time.
     """
     keys = ops.row_keys(row_seeds, row_ids, step)
-    if greedy:
-        tok, lp = ops.greedy_tokens_and_logprobs(logits, logprob_temperature)
+    pick = functools.partial(
+        _pick_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        logprob_temperature=logprob_temperature,
+        greedy=greedy,
+        top_k=top_k,
+        use_top_p=use_top_p,
+    )
+    if by_row:
+
+        def one_row(row):  # ([V], key) -> (token, log-prob), through the batched ops at 1 row
+            tok, lp = pick(row[0][None], row[1][None])
+            return tok[0], lp[0]
+
+        tok, lp = jax.lax.map(one_row, (logits, keys))
     else:
-        tok = ops.sample_tokens(logits, keys, temperature, top_p, greedy=False, top_k=top_k, use_top_p=use_top_p)
-        lp = ops.token_logprobs(logits, tok, logprob_temperature)
+        tok, lp = pick(logits, keys)
     active = ~rec.done
     tok = jnp.where(active, tok, pad_id)
     lp = jnp.where(active, lp, 0.0)
@@ -86,3 +118,11 @@ def record_step(
     # Finished rows feed id 0 back, since the pad id need not be inside the vocabulary (an
     # out-of-range embedding lookup yields NaN).
     return jnp.where(active, tok, 0), rec
+
+
+def _pick_tokens(logits, keys, *, temperature, top_p, logprob_temperature, greedy, top_k, use_top_p):
+    """(token [rows], its log-prob [rows]) from ``logits [rows, V]`` with ``keys [rows]``."""
+    if greedy:
+        return ops.greedy_tokens_and_logprobs(logits, logprob_temperature)
+    tok = ops.sample_tokens(logits, keys, temperature, top_p, greedy=False, top_k=top_k, use_top_p=use_top_p)
+    return tok, ops.token_logprobs(logits, tok, logprob_temperature)

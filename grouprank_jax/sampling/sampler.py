@@ -50,7 +50,7 @@ from grouprank_jax.models.kv_cache import CACHE_AXES, VALID_AXES, KVCache, Prefi
 from grouprank_jax.parallel.distributed import agree_max, gather_rows, local_rows
 from grouprank_jax.parallel.mesh import named_sharding, shard, use_mesh
 from grouprank_jax.sampling.batch import batch_bucket, left_pad, prompt_buckets, row_streams
-from grouprank_jax.sampling.decode import RowRecord, record_step
+from grouprank_jax.sampling.decode import RowRecord, record_step, vocab_by_row
 from grouprank_jax.sampling.output import SamplerOutput, SamplerStats
 from grouprank_jax.sampling.params import SamplingParams
 from grouprank_jax.sampling.stops import apply_stop_strings, stop_token_sequences
@@ -180,6 +180,7 @@ class Sampler:
                 greedy=greedy,
                 top_k=top_k,
                 use_top_p=use_top_p,
+                by_row=vocab_by_row(self.mesh, rows),
             )
             last, rec = record(0, logits0, RowRecord.start(live, max_new, stop_seqs.shape[1], self.pad_id))
 

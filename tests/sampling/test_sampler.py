@@ -160,6 +160,60 @@ def test_streams_make_a_sample_independent_of_its_batch(pair):
         sampler.generate(prompts, p, streams=[(1, 0), (1, 1)])
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0, n=3, max_new_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=1.0, n=3, seed=4, max_new_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_k=40, top_p=0.9, n=3, seed=5, max_new_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.7, top_p=0.8, n=3, seed=6, max_new_tokens=12, ignore_eos=True),
+    ],
+    ids=["greedy", "t1", "top_k_top_p", "top_p"],
+)
+def test_vocab_work_by_row_equals_batched(pair, monkeypatch, params):
+    """From CPU_BY_ROW_MIN_ROWS rows on, one CPU device samples each row on its own: the same
+    tokens and log-probs as the batched ops (forced here), and a prompt's rows equal its rows
+    sampled alone (3 rows, batched)."""
+    import grouprank_jax.sampling.sampler as sampler_module
+    from grouprank_jax.sampling.decode import CPU_BY_ROW_MIN_ROWS, vocab_by_row
+
+    _, model, _ = pair
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(3, 500, size=int(n)).tolist() for n in rng.integers(3, 30, size=12)]
+    assert len(prompts) * params.n >= CPU_BY_ROW_MIN_ROWS
+    chosen = []
+
+    def spy(mesh, rows):  # the real choice, recorded
+        chosen.append(vocab_by_row(mesh, rows))
+        return chosen[-1]
+
+    monkeypatch.setattr(sampler_module, "vocab_by_row", spy)
+    by_row = Sampler(model, max_prompt_len=64, max_new_tokens=12).generate(prompts, params)
+    alone = Sampler(model, max_prompt_len=64, max_new_tokens=12).generate(prompts[:1], params)
+    assert chosen == [True, False]  # 36 rows traced by row, the 3 alone batched
+    monkeypatch.setattr(sampler_module, "vocab_by_row", lambda mesh, rows: False)
+    batched = Sampler(model, max_prompt_len=64, max_new_tokens=12).generate(prompts, params)
+    np.testing.assert_array_equal(by_row.tokens, batched.tokens)
+    np.testing.assert_allclose(by_row.logprobs, batched.logprobs, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(by_row.tokens[: params.n], alone.tokens)
+    np.testing.assert_allclose(by_row.logprobs[: params.n], alone.logprobs, rtol=0, atol=1e-6)
+
+
+def test_vocab_by_row_only_for_many_rows_on_one_cpu_device():
+    import jax
+
+    from grouprank_jax.config import MeshConfig
+    from grouprank_jax.parallel.mesh import make_mesh
+    from grouprank_jax.preflight.topology import parse_topology, topology_devices
+    from grouprank_jax.sampling.decode import CPU_BY_ROW_MIN_ROWS, vocab_by_row
+
+    one_cpu = make_mesh(MeshConfig(fsdp=-1), jax.devices()[:1])
+    assert vocab_by_row(None, CPU_BY_ROW_MIN_ROWS) and vocab_by_row(one_cpu, 64)
+    assert not vocab_by_row(None, CPU_BY_ROW_MIN_ROWS - 1)
+    assert not vocab_by_row(make_mesh(MeshConfig(fsdp=-1)), 64)  # 8 CPU devices: rows are sharded
+    assert not vocab_by_row(make_mesh(MeshConfig(fsdp=-1), topology_devices(parse_topology("v5p-8"))), 64)
+
+
 def test_mesh_matches_single_device(pair):
     import jax
 
