@@ -20,11 +20,11 @@ from grouprank_jax.sampling import ops
 
 # From this many rows on, a decode step on one CPU device samples each row on its own (a loop over
 # rows: every reduction over the vocabulary is then a full one). XLA:CPU's batched row reductions
-# over the 151,936-token vocabulary slow down sharply beyond a few dozen rows (as in the training
-# head, models/token_logprobs.py). LM head + vocabulary work of a decode step, batched -> by rows,
-# two cores (2026-12-05): sampled at T = 1, width 64: 8 rows 4.5 -> 4.7 ms, 16 rows 6.4 -> 8.1,
-# 32 rows 28.3 -> 10.7, 48 rows 41.1 -> 14.3; width 256: 32 rows 48.4 -> 31.0, 64 rows 87.0 ->
-# 51.4; greedy, width 256: 16 rows 22.6 -> 20.9, 32 rows 70.6 -> 30.9.
+# over the 151,936-token vocabulary slow down beyond a few dozen rows (as in the training head,
+# models/token_logprobs.py). Whole decode steps, batched -> by rows, in one process (demo model,
+# 4 layers of width 64, 2026-12-05): 48 rows at T = 1 26.4 -> 24.4 ms, greedy 32 rows 18.2 ->
+# 15.5, top-p 32 rows 117.5 -> 68.7. Below 32 rows the loop loses (LM head + sampling alone,
+# 16 rows at T = 1: 6.4 -> 8.1 ms).
 CPU_BY_ROW_MIN_ROWS = 32
 
 
