@@ -29,6 +29,7 @@ from grouprank_jax.eval import evaluate
 from grouprank_jax.models import create_model
 from grouprank_jax.rl.config import GRPOConfig
 from grouprank_jax.rl.trainer import train_grpo
+from grouprank_jax.sampling import Sampler
 from grouprank_jax.sft.config import SFTConfig
 from grouprank_jax.sft.trainer import train_sft
 from grouprank_jax.task.prompts import load_template, render_prompt
@@ -95,7 +96,9 @@ PRESETS = {
 }
 
 
-def _eval_reranker(model, tokenizer, data_paths: dict, cfg: DemoConfig, max_prompt_len: int, temperature: float = 0.0):
+def _eval_reranker(
+    model, tokenizer, data_paths: dict, cfg: DemoConfig, max_prompt_len: int, temperature: float = 0.0, sampler=None
+):
 
     corpus = read_beir_corpus(data_paths["corpus"])
     queries = read_beir_queries(data_paths["queries"])
@@ -113,6 +116,7 @@ def _eval_reranker(model, tokenizer, data_paths: dict, cfg: DemoConfig, max_prom
         top_p=1.0,
         seed=cfg.seed,
         counters=counters,
+        sampler=sampler,
     )
     run, summary = rerank(
         queries,
@@ -259,7 +263,15 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     models = (("random-init", random_model), ("sft", sft.model), ("grpo", grpo.model))
-    evals = {name: _eval_reranker(m, tokenizer, paths, cfg, max_prompt_len) for name, m in models}
+    # One Sampler per model for all of its passes: the seeds are traced, so the sampled passes
+    # after the first compile nothing (a Sampler per pass compiled 24 decode programs here).
+    samplers = {
+        name: Sampler(m, tokenizer=tokenizer, max_prompt_len=max_prompt_len, max_new_tokens=cfg.max_new_tokens)
+        for name, m in models
+    }
+    evals = {
+        name: _eval_reranker(m, tokenizer, paths, cfg, max_prompt_len, sampler=samplers[name]) for name, m in models
+    }
     # Also at the rollout temperature: greedy decoding takes the mode of each score, which the
     # noisy teacher already had right, so GRPO's calibration shows mostly in sampled decoding.
     sampled = {
@@ -271,6 +283,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), progress: bool = True) -> dict:
                 dataclasses.replace(cfg, seed=cfg.seed + i),
                 max_prompt_len,
                 temperature=cfg.grpo_temperature,
+                sampler=samplers[name],
             )["ndcg@10"]
             # the random-init model's groups never parse (its order is the first stage's): one seed
             for i in range(cfg.sampled_eval_seeds if name != "random-init" else 1)

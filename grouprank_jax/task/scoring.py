@@ -30,12 +30,19 @@ def sampler_score_fn(
     top_k: int = 0,
     seed: int = 0,
     counters: ScoringCounters | None = None,
+    sampler: Sampler | None = None,
 ):
-    """Greedy when ``temperature == 0``; the paper's inference uses temperature 0.3, top_p 0.8."""
+    """Greedy when ``temperature == 0``; the paper's inference uses temperature 0.3, top_p 0.8.
 
-    sampler = Sampler(
-        model, tokenizer=tokenizer, mesh=mesh, max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens
-    )
+    ``sampler``: an existing ``Sampler`` of ``model`` to reuse (with its compiled programs: passes
+    at other seeds or temperatures then compile nothing new); built from the arguments otherwise.
+    """
+    if sampler is None:
+        sampler = Sampler(
+            model, tokenizer=tokenizer, mesh=mesh, max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens
+        )
+    elif sampler.model is not model:
+        raise ValueError("sampler= must be a Sampler of the model being scored")
     counters = counters if counters is not None else ScoringCounters()
 
     def score_fn(prompts: list[str]) -> list[str]:
