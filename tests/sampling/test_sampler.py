@@ -190,7 +190,7 @@ def test_vocab_work_by_row_equals_batched(pair, monkeypatch, params):
     monkeypatch.setattr(sampler_module, "vocab_by_row", spy)
     by_row = Sampler(model, max_prompt_len=64, max_new_tokens=12).generate(prompts, params)
     alone = Sampler(model, max_prompt_len=64, max_new_tokens=12).generate(prompts[:1], params)
-    assert chosen == [True, False]  # 36 rows traced by row, the 3 alone batched
+    assert chosen == [True, False]  # 16 x 3 rows (12 prompts, bucketed) by row; the 3 alone batched
     monkeypatch.setattr(sampler_module, "vocab_by_row", lambda mesh, rows: False)
     batched = Sampler(model, max_prompt_len=64, max_new_tokens=12).generate(prompts, params)
     np.testing.assert_array_equal(by_row.tokens, batched.tokens)
