@@ -165,8 +165,8 @@ def shared_prefix_decode_attention(
     if keys_left:
         # XLA:CPU packs a dot's right operand before multiplying: with the prompt's keys on the
         # right (G * Gq query rows on the left) every step re-packs [P, H] per head, so the keys
-        # go on the left and the small [B, K, P, G, Gq] result is transposed (16 rows, 8 layers:
-        # the step's QK dots 4.7 -> 2.7 ms, profiled).
+        # go on the left and the small [B, K, P, G, Gq] result is transposed (16 rows, 8 layers,
+        # profiled in the decode loop: the step's QK dots 4.2-5.2 -> 2.1-2.3 ms, + 0.3 ms transpose).
         scores = jnp.einsum("bkph,bgkqh->bkpgq", prefix_k, q_prefix, preferred_element_type=jnp.float32)
         scores = scores.transpose(0, 1, 3, 4, 2) * scale
     else:
